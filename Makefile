@@ -1,0 +1,52 @@
+# Two commands set everything up on a fresh machine and run:
+#   make demo   # builds the synthetic dataset, shards and prompt bank; trains; evaluates
+#   make test   # the test suite (CPU), with the local LLM server and SLURM cluster it needs
+# Everything is installed by these rules: system packages (apt, when root and missing),
+# the Python environment in .venv (exact versions from requirements.lock).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+SYS_PKGS := ffmpeg g++ make
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down clean
+
+demo: sysdeps venv
+	$(PY) -m claver_dist.demo
+
+test: sysdeps venv test-deps
+	$(PY) -m pytest -q tests
+
+# Quick loop while developing: no LLM server, no SLURM cluster, no multi-process runs.
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow and not llm and not slurm"
+
+sysdeps:
+	@missing=""; for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "apt-get install$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing (run as root or install them)"; exit 1; fi; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+# Services the tests talk to for real: a llama.cpp OpenAI-compatible server (own venv,
+# built from source once) and, as root, a two-node SLURM cluster with accounting.
+test-deps: llm
+
+llm: .cache/llm/.installed
+
+.cache/llm/.installed: scripts/install_llm.sh
+	bash scripts/install_llm.sh .cache/llm
+	touch $@
+
+clean:
+	rm -rf runs/demo shards/demo prompts/demo.json
