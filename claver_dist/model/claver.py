@@ -162,7 +162,14 @@ class Claver(nn.Module):
     def logits(self, video_emb: torch.Tensor, text_emb: torch.Tensor, num_variants: int) -> torch.Tensor:
         """``[B, E]`` x ``[K*C, E]`` (variant-major) -> ``[B, K, C]`` scaled cosine logits."""
         text = text_emb.view(num_variants, -1, text_emb.shape[-1])
-        return self.logit_scale.exp() * torch.einsum("be,kce->bkc", video_emb, text.to(video_emb.dtype))
+        # CLIP's clamp: a temperature below 1/100 makes training unstable
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        return scale * torch.einsum("be,kce->bkc", video_emb, text.to(video_emb.dtype))
 
-    def forward(self, video: torch.Tensor, text_tokens: torch.Tensor, num_variants: int) -> torch.Tensor:
-        return self.logits(self.encode_video(video), self.encode_text(text_tokens), num_variants)
+    def forward(self, video: torch.Tensor, text_tokens: torch.Tensor | None = None, num_variants: int = 1,
+                text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, K, C]`` against ``K*C`` texts (variant-major), given as token ids or,
+        when the text tower is frozen, as precomputed normalised ``text_features``."""
+        if text_features is None:
+            text_features = self.encode_text(text_tokens)
+        return self.logits(self.encode_video(video), text_features, num_variants)

@@ -60,3 +60,7 @@ class LogConfig:
     # offline unless the user configured wandb (WANDB_MODE/API key).
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     progress_bar: bool = True
+    # device peak for MFU in TFLOP/s (null = known GPU table; unknown devices report no MFU).
+    peak_tflops: float | None = None
+    # count model FLOPs once at start (for MFU); costs one forward+backward of one clip.
+    count_flops: bool = True

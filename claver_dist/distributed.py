@@ -1,0 +1,125 @@
+"""Distributed state in one small validated object, read from the launcher's environment.
+
+Understands torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``) and SLURM
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; the master is the job's first
+node). With neither, the run is a single process. The backend is nccl when the process
+owns a GPU, gloo otherwise (CPU training, tests).
+
+    dist_env = DistEnv.from_environ()
+    dist_env.init()          # torch.distributed process group (+ device selection)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistError(RuntimeError):
+    """The launcher's environment is inconsistent; the message says which variable."""
+
+
+def _int_env(env: dict[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise DistError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # "n[1-2],m3" -> "n1" without scontrol
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rng = head.split("[", 1)
+            return prefix + rng.split("-")[0].split(",")[0].rstrip("]")
+        return head
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    device_type: str = "cpu"   # "cuda" or "cpu"
+    source: str = "single"      # torchrun | slurm | single
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
+
+    @classmethod
+    def from_environ(cls, env: dict[str, str] | None = None, device: str = "auto") -> "DistEnv":
+        env = dict(os.environ if env is None else env)
+        if "RANK" in env and "WORLD_SIZE" in env:
+            source = "torchrun"
+            rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+            local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+            local_world = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+            addr = env.get("MASTER_ADDR", "127.0.0.1")
+            port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+            source = "slurm"
+            rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+            local = _int_env(env, "SLURM_LOCALID")
+            local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+            addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+            # a port derived from the job id: every task computes the same one
+            port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        else:
+            source, rank, world, local, local_world = "single", 0, 1, 0, 1
+            addr, port = "127.0.0.1", free_port()
+        if world < 1 or not 0 <= rank < world:
+            raise DistError(f"rank {rank} is outside world size {world} (from {source} environment)")
+        if not 0 <= local < max(local_world, 1) and source != "single":
+            raise DistError(f"local rank {local} is outside {local_world} processes per node ({source})")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise DistError("train.device=cuda but no CUDA GPU is visible")
+            if local >= torch.cuda.device_count():
+                raise DistError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node")
+        return cls(rank, world, local, local_world, addr, port, device, source)
+
+    def init(self, timeout_s: float = 1800) -> None:
+        """Create the default process group (idempotent); sets the CUDA device first."""
+        if dist.is_initialized():
+            return
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                          MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()

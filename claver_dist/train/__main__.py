@@ -1,0 +1,5 @@
+import sys
+
+from claver_dist.train.main import main
+
+sys.exit(main())
