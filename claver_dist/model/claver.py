@@ -73,6 +73,8 @@ class Claver(nn.Module):
         self.num_frames = num_frames
         self.temporal_kind = temporal
         self.grad_checkpointing = grad_checkpointing
+        if grad_checkpointing == "all" and hasattr(clip, "transformer"):
+            clip.transformer.grad_checkpointing = True  # the text tower
         self.checkpoint_every = checkpoint_every
 
         width = visual.class_embedding.shape[-1]
@@ -156,8 +158,24 @@ class Claver(nn.Module):
         return F.normalize(frames.mean(dim=1), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[N, ctx]`` -> L2-normalised text embeddings ``[N, E]``."""
-        return self.clip.encode_text(tokens, normalize=True)
+        """Token ids ``[N, ctx]`` -> L2-normalised text embeddings ``[N, E]``.
+
+        Padding after the longest prompt is trimmed: under CLIP's causal mask no token
+        attends to later positions, so the EOT features are unchanged and the text tower
+        runs on ~20 positions instead of 77 for typical prompts."""
+        clip = self.clip
+        if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
+            return clip.encode_text(tokens, normalize=True)
+        eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+        n = int(eot.max()) + 1
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
+        mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+        x = clip.transformer(x, attn_mask=mask)
+        x = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
+        proj = clip.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else (x @ proj if proj is not None else x)
+        return F.normalize(x, dim=-1)
 
     def logits(self, video_emb: torch.Tensor, text_emb: torch.Tensor, num_variants: int) -> torch.Tensor:
         """``[B, E]`` x ``[K*C, E]`` (variant-major) -> ``[B, K, C]`` scaled cosine logits."""

@@ -17,3 +17,9 @@ class TextConfig:
     # K: variants drawn per training step (the same indices for every class).
     num_sampled_variants: int = 5
     context_length: int = 77
+    # split the text tower's work over ranks (all-gather with autograd); false = every
+    # rank encodes every prompt (the reference behaviour). Same loss and gradients.
+    shard_text: bool = True
+    # with gradient accumulation, encode the step's prompts once and reuse them for all
+    # micro-batches (their gradients are accumulated and back-propagated once).
+    encode_once_per_step: bool = True
