@@ -35,6 +35,7 @@ from claver_dist.text.prompts import load_bank, tokenize
 from claver_dist.train import checkpoint as ckpt_lib
 from claver_dist.train.engine import build_engine
 from claver_dist.train.loss import soft_target_cross_entropy
+from claver_dist.train.sharded_text import encode_text_sharded
 from claver_dist.train.metrics import MetricsWriter, count_flops, peak_flops, peak_memory_gb
 
 log = logging.getLogger("claver_dist.train")
@@ -193,27 +194,49 @@ class Trainer:
         return zero, float("nan")
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimiser step over ``grad_accum`` micro-batches; returns the mean loss over ranks."""
+        """One optimiser step over ``grad_accum`` micro-batches; returns the mean loss over ranks.
+
+        Text: the step's K*C prompts are encoded (sharded over ranks) and, with
+        ``text.encode_once_per_step``, reused by every micro-batch: earlier micro-batches
+        see a detached copy whose gradient is accumulated, and the last one
+        back-propagates that gradient through the text tower in the same backward pass."""
         self._reseed()
         K = self.cfg.text.num_sampled_variants
         idx = self.bank.sample_indices(K, torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step))
         K = len(idx)
+        once = self.text_cache is None and self.cfg.text.encode_once_per_step
+        text = self._step_text_features(idx) if once else None
+        leaf = text.detach().requires_grad_(True) if once and len(batches) > 1 else None
         losses = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             video = batch["video"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
             video, target = self.mixup(video, label)
-            video = video.to(self.dtype)
             if self.text_cache is not None:
-                logits = self.engine(video, num_variants=K, text_features=self.text_cache[idx].flatten(0, 1))
+                feats = self.text_cache[idx].flatten(0, 1)
+            elif once:
+                feats = text if (leaf is None or last) else leaf
             else:
-                logits = self.engine(video, self.tokens[idx].flatten(0, 1).to(self.device), K)
+                feats = self._step_text_features(idx)
+            logits = self.engine(video.to(self.dtype), num_variants=K, text_features=feats)
             loss, mean_loss = self._check_finite(soft_target_cross_entropy(logits, target))
+            if leaf is not None and last and leaf.grad is not None:
+                # DeepSpeed divides every micro-batch loss by grad_accum; the accumulated
+                # leaf gradient already carries that factor, so undo it for this term.
+                loss = loss + (text * leaf.grad).sum() * self.cfg.train.grad_accum
             self.engine.backward(loss)
             self.engine.step()
             self.micro_in_epoch += 1
             losses.append(mean_loss)
-        return {"loss": float(np.nanmean(losses)) if not all(np.isnan(losses)) else float("nan")}
+        finite = [v for v in losses if not np.isnan(v)]
+        return {"loss": float(np.mean(finite)) if finite else float("nan")}
+
+    def _step_text_features(self, idx: list[int]) -> torch.Tensor:
+        tokens = self.tokens[idx].flatten(0, 1)
+        if self.cfg.text.shard_text:
+            return encode_text_sharded(self.model, tokens, self.device)
+        return self.model.encode_text(tokens.to(self.device, non_blocking=True))
 
     def _micro_batches(self):
         """Yield lists of ``grad_accum`` micro-batches for the rest of this epoch, timing the waits."""
