@@ -34,15 +34,13 @@ def class_text_features(model, bank: PromptBank, device: torch.device, dtype: to
 
 
 @torch.no_grad()
-def score_batch(model, video: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Class probabilities ``[B, C]`` for a batch of one or several views."""
+def batch_logits(model, video: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Logits ``[B, V, A, C]`` for a batch of one (``[B, T, ...]``) or several views."""
     views = video.dim() == 6
     B = video.shape[0]
-    flat = video.flatten(0, 1) if views else video
-    emb = model.encode_video(flat.to(dtype)).float()  # [B*V, E]
+    emb = model.encode_video((video.flatten(0, 1) if views else video).to(dtype)).float()  # [B*V, E]
     A, C, E = text.shape
-    logits = model.logits(emb, text.reshape(A * C, E), A).float().view(B, -1, A, C)  # [B, V, A, C]
-    return view_probs(logits)
+    return model.logits(emb, text.reshape(A * C, E), A).float().view(B, -1, A, C)
 
 
 def _valid_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -51,28 +49,51 @@ def _valid_mask(batch: dict[str, Any]) -> torch.Tensor:
     return valid.bool() if valid is not None else label >= 0
 
 
+class _Tally:
+    """Top-1/top-5 hit counts, summed over ranks at the end."""
+
+    def __init__(self):
+        self.h1 = self.h5 = self.n = 0
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
+        hits = topk_correct(probs, labels, ks=(1, 5))
+        self.h1 += int((hits[1] & keep).sum())
+        self.h5 += int((hits[5] & keep).sum())
+        self.n += int(keep.sum())
+
+    def values(self) -> list[float]:
+        return [self.h1, self.h5, self.n]
+
+
 @torch.no_grad()
 def evaluate(model, loader, text: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = False, keep_predictions: bool = False) -> dict[str, Any]:
-    """Top-1/top-5 over ``loader`` (this rank's part), summed over all ranks."""
+             progress: bool = False, keep_predictions: bool = False,
+             class_subsets: list[list[int]] | None = None) -> dict[str, Any]:
+    """Top-1/top-5 over ``loader`` (this rank's part), summed over all ranks.
+
+    ``class_subsets`` (zero-shot splits): each subset is also scored on its own, with the
+    softmax over that subset's classes only and only the samples whose label is in it."""
     was_training = model.training
     model.eval()
     text = text.to(device)
-    hits1 = hits5 = n = 0
+    tally, split_tallies = _Tally(), [_Tally() for _ in class_subsets or []]
+    subsets = [torch.tensor(s, device=device) for s in class_subsets or []]
     preds: list[tuple[str, int, list[float]]] = []
     for batch in tqdm(loader, disable=not progress, desc="eval", leave=False):
         valid = _valid_mask(batch).to(device)
-        labels = batch["label"].to(device)
-        probs = score_batch(model, batch["video"].to(device, non_blocking=True), text, dtype)
-        hits = topk_correct(probs, labels.clamp(min=0), ks=(1, 5))
-        hits1 += int((hits[1] & valid).sum())
-        hits5 += int((hits[5] & valid).sum())
-        n += int(valid.sum())
+        labels = batch["label"].to(device).clamp(min=0)
+        logits = batch_logits(model, batch["video"].to(device, non_blocking=True), text, dtype)
+        probs = view_probs(logits)
+        tally.add(probs, labels, valid)
+        for sub, t in zip(subsets, split_tallies):
+            inside = (labels[:, None] == sub[None]).any(dim=1) & valid
+            local = (labels[:, None] == sub[None]).float().argmax(dim=1)  # label's position in the subset
+            t.add(view_probs(logits[..., sub]), local, inside)
         if keep_predictions:
             keys = batch.get("key", [""] * len(labels))
             for i in valid.nonzero().flatten().tolist():
                 preds.append((keys[i], int(labels[i]), probs[i].tolist()))
-    counts = torch.tensor([hits1, hits5, n], dtype=torch.float64, device=device)
+    counts = torch.tensor([tally.values()] + [t.values() for t in split_tallies], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
         if keep_predictions:
@@ -80,8 +101,10 @@ def evaluate(model, loader, text: torch.Tensor, device: torch.device, dtype: tor
             dist.all_gather_object(gathered, preds)
             preds = [p for part in gathered for p in part]
     model.train(was_training)
-    h1, h5, total = counts.tolist()
-    out = {"top1": h1 / max(total, 1), "top5": h5 / max(total, 1), "num_samples": int(total)}
+    rows = [{"top1": h1 / max(n, 1), "top5": h5 / max(n, 1), "num_samples": int(n)} for h1, h5, n in counts.tolist()]
+    out = dict(rows[0])
+    if class_subsets:
+        out["splits"] = rows[1:]
     if keep_predictions:
-        out["predictions"] = preds
+        out["predictions"] = sorted(preds)
     return out
