@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
     from tqdm import tqdm
 
     client = _make_client(args)
-    bar = tqdm(total=len(items), initial=stats["cached"], unit="text", desc=out.name,
+    bar = tqdm(total=len(items), initial=stats["cached"], unit="text", desc=out.name, leave=False,
                disable=args.no_progress, file=sys.stderr)
     failed: list[Item] = []
     pool = cf.ThreadPoolExecutor(max_workers=args.concurrency)
