@@ -121,3 +121,17 @@ def test_readable_name():
     assert readable_name("Archery") == "archery"
     assert readable_name("brush_hair") == "brush hair"
     assert readable_name("passing American football (not in game)") == "passing American football (not in game)"
+
+
+def test_save_bank_round_trip(tmp_path):
+    from claver_dist.text.prompts import save_bank
+
+    labels = tmp_path / "l.csv"
+    labels.write_text("id,name\n0,run\n1,jump\n")
+    path = tmp_path / "sub" / "b.json"
+    save_bank(path, ["run", "jump"], [{"synonyms": ["Jogging."]}, {"synonyms": ["Leaping."]}], {"method": "test"})
+    assert not (tmp_path / "sub" / "b.json.tmp").exists()
+    bank = load_bank(str(labels), str(path), use_templates=False)
+    assert bank.texts == [["Jogging."], ["Leaping."]]
+    with pytest.raises(BankError, match=r"classes\[0\]\.prompts\.synonyms\[0\]"):
+        save_bank(path, ["run"], [{"synonyms": [""]}], {})

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from claver_dist.text.prompts import (
-    CONTEXT_LENGTH, KINDS, LabelsError, count_tokens, load_labels, readable_name,
+    CONTEXT_LENGTH, KINDS, LabelsError, count_tokens, load_labels, readable_name, save_bank,
 )
 
 SYSTEM = (
@@ -265,15 +265,8 @@ def _short(s: str, n: int = 160) -> str:
 
 def write_bank(path: Path, names: list[str], kinds: list[str], n: int, texts: dict,
                provenance: dict) -> None:
-    classes = []
-    for cid, name in enumerate(names):
-        prompts = {k: [texts[(name, k, v)] for v in range(n)] for k in kinds}
-        classes.append({"id": cid, "name": name, "prompts": prompts})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"provenance": provenance, "classes": classes}, indent=1,
-                              ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # never leave a half-written bank where training reads it
+    prompts = [{k: [texts[(name, k, v)] for v in range(n)] for k in kinds} for name in names]
+    save_bank(path, names, prompts, provenance)
 
 
 def run(args: argparse.Namespace) -> tuple[int, dict]:

@@ -220,6 +220,23 @@ def check_bank_classes(bank_path: str | Path, bank: dict[str, Any], labels_path:
         raise BankError(f"{bank_path}: has {len(got)} classes but {labels_path} has {len(names)}")
 
 
+def save_bank(path: str | Path, class_names: list[str], prompts: list[dict[str, list[str]]],
+              provenance: dict[str, Any]) -> None:
+    """Write a bank file (format above) atomically: a temp file renamed into place, so
+    a reader never sees half a bank. ``prompts[c]`` is class c's ``{kind: [text, ...]}``."""
+    if len(class_names) != len(prompts):
+        raise ValueError(f"{len(class_names)} class names but {len(prompts)} prompt dicts")
+    data = {"provenance": provenance,
+            "classes": [{"id": i, "name": n, "prompts": p}
+                        for i, (n, p) in enumerate(zip(class_names, prompts))]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    read_bank_file(path)  # what we wrote must be what readers accept
+
+
 @dataclass
 class PromptBank:
     """Per-class text variants. Class c has ``A_c = len(texts[c])`` variants; the bank
