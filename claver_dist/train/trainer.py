@@ -40,6 +40,9 @@ from claver_dist.train.metrics import MetricsWriter, count_flops, peak_flops, pe
 
 log = logging.getLogger("claver_dist.train")
 
+# marker file in the run folder once training, the last checkpoint and the export are done
+FINISHED = "finished"
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
@@ -288,7 +291,13 @@ class Trainer:
         if not ckpt_lib.is_complete(self.ckpt.root / ckpt_lib.tag_for(self.step)):
             self.save()
         self.export()
+        self._mark_finished()
         return "finished"
+
+    def _mark_finished(self) -> None:
+        """``<run_dir>/finished``, written last: launchers (launch/slurm.py) never restart such a run."""
+        if self.dist.is_main:
+            (self.run_dir / FINISHED).write_text(f"step {self.step}\n")
 
     def _end_epoch(self) -> None:
         self.epoch += 1
