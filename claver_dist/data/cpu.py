@@ -29,7 +29,7 @@ logger = logging.getLogger("claver_dist.data")
 
 def decode_sample(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext, size: int) -> SampleResult:
     """One sample -> ``[T, 3, S, S]`` (or ``[V, T, 3, S, S]``), or a result carrying the error."""
-    key = shards.samples[gid].key
+    key = shards.keys[gid]
     try:
         p = prepare(shards, gid, epoch, ctx)
         frames = decode_frames(p.data, p.indices, cfr=bool(p.meta.get("cfr")), keyint=int(p.meta.get("keyint", 0)))
@@ -62,7 +62,7 @@ class _Batches(torch.utils.data.Dataset):
         if gid < 0:
             return SampleResult(gid, "")
         if gid in job.known_bad:
-            return SampleResult(gid, self.shards.samples[gid].key, error=job.known_bad[gid])
+            return SampleResult(gid, self.shards.keys[gid], error=job.known_bad[gid])
         return decode_sample(self.shards, gid, job.epoch, self.ctx, self.size)
 
     def __getitem__(self, job: BatchJob) -> dict[str, Any]:
@@ -101,6 +101,18 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def _worker_context():
+    # Workers come from a fork server, not from a fork of this process: forking a process
+    # that already runs threads (torch/OpenMP pools, DALI, NCCL, gloo) can leave a lock held
+    # forever in the child, which showed up as DataLoader hangs. The server preloads torch
+    # and this module once, so starting workers stays cheap.
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "av", "claver_dist.data.cpu"])
+    return ctx
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -120,6 +132,7 @@ class CpuBackend:
             worker_init_fn=_worker_init if workers else None,
             persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch if workers else None,
+            multiprocessing_context=_worker_context() if workers else None,
         )
 
     def run(self, jobs: Iterator[BatchJob], epoch: int) -> Iterator[dict[str, Any]]:

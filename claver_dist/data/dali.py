@@ -184,7 +184,7 @@ class DaliBackend:
             if gid < 0:
                 fed.slots.append(SampleResult(gid, ""))
                 continue
-            key = self.shards.samples[gid].key
+            key = self.shards.keys[gid]
             if gid in job.known_bad:
                 fed.slots.append(SampleResult(gid, key, error=job.known_bad[gid]))
                 continue

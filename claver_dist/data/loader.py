@@ -95,7 +95,7 @@ class Prepared:
 
 def prepare(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext) -> Prepared:
     """Read sample ``gid`` and draw its frames/augmentation; raises SampleError if unusable."""
-    key = shards.samples[gid].key
+    key = shards.keys[gid]
     data, meta = shards.load(gid, verify=ctx.verify)
     total = int(meta["frames"])
     try:
@@ -278,7 +278,7 @@ class VideoLoader:
             "world_size": self.partition.world,
             "batch_size": self.batch_size,
             "num_samples": self.num_samples,
-            "bad": {self.shards.samples[g].key: r for g, r in self._bad.items()},
+            "bad": {self.shards.keys[g]: r for g, r in self._bad.items()},
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -298,7 +298,7 @@ class VideoLoader:
         if batch >= len(self):
             self.epoch, batch = self.epoch + 1, 0
         self._batch = batch
-        index = {s.key: i for i, s in enumerate(self.shards.samples)} if d.get("bad") else {}
+        index = {k: i for i, k in enumerate(self.shards.keys)} if d.get("bad") else {}
         for key, reason in d.get("bad", {}).items():
             if key in index:
                 self._bad[index[key]] = reason

@@ -30,9 +30,10 @@ import os
 import re
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "claver-shards/1"
@@ -128,21 +129,6 @@ class ShardWriter:
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's components live: ``{ext: (offset, size)}`` in ``shard``."""
-
-    key: str
-    shard: int
-    components: tuple[tuple[str, int, int], ...]
-
-    def component(self, exts: tuple[str, ...]) -> tuple[str, int, int] | None:
-        for c in self.components:
-            if c[0].lower() in exts:
-                return c
-        return None
-
-
 def read_index(idx_path: Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
     """Parse a ``wds2idx`` index: ``[(key, [(ext, offset, size), ...]), ...]``."""
     try:
@@ -205,83 +191,107 @@ class ShardSet:
     """All samples of one split, addressable by a global sample id.
 
     Sample ids follow the shards' order then the order inside each shard; the loader
-    permutes them per epoch. Reading goes by byte offset (``os.pread``), so file handles
-    are opened lazily per process (safe across DataLoader worker forks).
+    permutes them per epoch. The table is kept in flat arrays (a few dozen bytes per
+    sample) because DataLoader workers each get a copy. Reading goes by byte offset
+    (``os.pread``); file handles are opened lazily per process.
     """
+
+    # component slots in the offset table
+    VIDEO, JSON, CLS = 0, 1, 2
 
     def __init__(self, tars: list[Path], manifest: dict[str, Any] | None = None):
         self.tars = [Path(t) for t in tars]
         self.manifest = manifest
-        self.samples: list[SampleRef] = []
+        self.keys: list[str] = []
+        shard_of, table, ext_of = [], [], []
+        self.exts: list[str] = []  # distinct video extensions; ext_of indexes into it
         for si, tar in enumerate(self.tars):
             idx = tar.with_suffix(".idx")
             if not idx.is_file():
-                raise ShardError(f"{tar}: index file {idx.name} missing (make it with: wds2idx {tar} {idx})")
+                raise ShardError(f"{tar}: index file {idx.name} missing (make it with: python -m wds2idx {tar} {idx})")
             for key, comps in read_index(idx):
-                self.samples.append(SampleRef(key, si, tuple(comps)))
-        if not self.samples:
+                row = [[-1, -1], [-1, -1], [-1, -1]]
+                ext = ""
+                for e, off, size in comps:
+                    e = e.lower()
+                    if e in VIDEO_EXTS and row[0][0] < 0:
+                        row[0], ext = [off, size], e
+                    elif e == "json":
+                        row[1] = [off, size]
+                    elif e == "cls":
+                        row[2] = [off, size]
+                if ext not in self.exts:
+                    self.exts.append(ext)
+                self.keys.append(key)
+                shard_of.append(si)
+                table.append(row)
+                ext_of.append(self.exts.index(ext))
+        if not self.keys:
             raise ShardError(f"no samples in {[str(t) for t in self.tars]}")
+        self.shard_of = np.asarray(shard_of, np.int32)
+        self.table = np.asarray(table, np.int64)  # [N, 3 components, (offset, size)]
+        self.ext_of = np.asarray(ext_of, np.int16)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.keys)
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_fds"] = {}
         return d
 
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def where(self, i: int) -> str:
+        """``key (shard.tar)``: how logs name a sample."""
+        return f"{self.keys[i]} ({self.tars[self.shard_of[i]].name})"
+
+    def component(self, i: int, slot: int) -> tuple[int, int] | None:
+        off, size = self.table[i, slot]
+        return None if off < 0 else (int(off), int(size))
+
     def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked: never share offsets/handles with the parent
+        if self._pid != os.getpid():  # forked: never share handles with the parent
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
         return fd
 
-    def where(self, i: int) -> str:
-        ref = self.samples[i]
-        return f"{ref.key} ({self.tars[ref.shard].name})"
-
-    def read(self, i: int, comp: tuple[str, int, int]) -> bytes:
-        ext, off, size = comp
-        data = os.pread(self._fd(self.samples[i].shard), size, off)
+    def read(self, i: int, slot: int) -> bytes:
+        comp = self.component(i, slot)
+        if comp is None:
+            raise SampleError(f"no {('video', '.json', '.cls')[slot]} component")
+        off, size = comp
+        data = os.pread(self._fd(int(self.shard_of[i])), size, off)
         if len(data) != size:
-            raise SampleError(f"{ext}: short read ({len(data)} of {size} bytes)")
+            raise SampleError(f"short read ({len(data)} of {size} bytes): shard truncated?")
         return data
 
     def load(self, i: int, verify: bool = True) -> tuple[bytes, dict[str, Any]]:
         """The video bytes and metadata of sample ``i``; raises SampleError if unusable."""
-        ref = self.samples[i]
-        vcomp = ref.component(VIDEO_EXTS)
-        if vcomp is None:
-            raise SampleError(f"no video component (has {[c[0] for c in ref.components]})")
-        jcomp = ref.component(("json",))
-        if jcomp is None:
-            raise SampleError("no .json metadata component")
         try:
-            meta = json.loads(self.read(i, jcomp))
+            meta = json.loads(self.read(i, self.JSON))
             frames = int(meta["frames"])
         except (ValueError, KeyError, TypeError) as e:
             raise SampleError(f"bad metadata: {e!r}") from e
         if "label" not in meta:
-            ccomp = ref.component(("cls",))
-            if ccomp is None:
-                raise SampleError("no label (.cls) component")
             try:
-                meta["label"] = int(self.read(i, ccomp))
+                meta["label"] = int(self.read(i, self.CLS))
             except ValueError as e:
                 raise SampleError(f"bad .cls: {e}") from e
         if frames < 1:
             raise SampleError(f"metadata says {frames} frames")
-        data = self.read(i, vcomp)
+        data = self.read(i, self.VIDEO)
         if verify:
             if "bytes" in meta and len(data) != int(meta["bytes"]):
                 raise SampleError(f"video is {len(data)} bytes, metadata says {meta['bytes']}")
             if "crc32" in meta and zlib.crc32(data) != int(meta["crc32"]):
                 raise SampleError("video crc32 does not match metadata (corrupted after build)")
-        meta["ext"] = vcomp[0]
+        meta["ext"] = self.exts[self.ext_of[i]]
         return data, meta
 
     def close(self) -> None:

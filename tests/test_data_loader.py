@@ -1,0 +1,344 @@
+"""The video loader on both backends (CPU: PyAV workers; DALI on CPU with VP9 shards), real shards.
+
+Frame-numbered videos (each frame paints its index in binary bands) show which frames
+a loader really decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from claver_dist.data.augment import CLIP_MEAN, CLIP_STD
+from claver_dist.data.config import DataConfig
+from claver_dist.data.loader import Partition, build_loader
+from claver_dist.data.sampling import STREAM_FRAMES, clip_indices, sample_rng
+from claver_dist.data.shards import ShardError, ShardSet, ShardWriter, dump_json, resolve_shards
+from claver_dist.data.synthetic import MotionSpec, frame_number_frames, motion_frames, read_frame_number, write_video
+from tools.make_shards import main as make_shards
+
+LENGTHS = [5, 9, 12, 16, 20, 24, 29, 33, 40, 47, 52, 60]  # 12 videos; 5 < num_frames repeats frames
+
+
+def _build(root: Path, out: Path, codec: str, extra: list[str] = ()) -> Path:
+    argv = [str(root / "list.txt"), "--labels", str(root / "labels.csv"), "--out", str(out), "--codec", codec,
+            "--short-side", "0", "--shard-samples", "5", "--workers", "2", "--no-progress", *extra]  # fmt: skip
+    assert make_shards(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("loader")
+    numbered = tmp / "numbered"
+    lines = []
+    for i, n in enumerate(LENGTHS):
+        write_video(numbered / f"v{i:02d}.mp4", frame_number_frames(n, 64, 48))
+        lines.append(f"v{i:02d}.mp4 {i % 3}")
+    (numbered / "list.txt").write_text("\n".join(lines) + "\n")
+    (numbered / "labels.csv").write_text("id,name\n0,a\n1,b\n2,c\n")
+    motion = tmp / "motion"
+    rng = np.random.default_rng(0)
+    spec = MotionSpec(width=64, height=48, min_frames=12, max_frames=20)
+    lines = []
+    for i in range(8):
+        write_video(motion / f"m{i}.mp4", motion_frames(i, rng, spec))
+        lines.append(f"m{i}.mp4 {i}")
+    (motion / "list.txt").write_text("\n".join(lines) + "\n")
+    (motion / "labels.csv").write_text("id,name\n" + "".join(f"{i},c{i}\n" for i in range(8)))
+    return {
+        "h264": _build(numbered, tmp / "num_h264", "h264"),
+        "vp9": _build(numbered, tmp / "num_vp9", "vp9"),
+        "motion": _build(motion, tmp / "motion_vp9", "vp9", ["--short-side", "48"]),
+    }
+
+
+BACKENDS = [("cpu", "h264"), ("cpu", "vp9"), ("dali", "vp9")]
+
+
+def _cfg(shards: Path, backend: str, **kw) -> DataConfig:
+    base = dict(backend=backend, train_shards=str(shards), val_shards=str(shards), val_split="train",
+                num_frames=8, image_size=32, batch_size=4, num_workers=0)  # fmt: skip
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _numbers(video: torch.Tensor) -> list[int]:
+    """Frame numbers painted in ``[T, 3, S, S]`` normalised frames."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return [read_frame_number(((f * std + mean) * 255).permute(1, 2, 0).numpy()) for f in video]
+
+
+def _frames_of(shards_dir: Path) -> dict[str, int]:
+    s = ShardSet(*resolve_shards(str(shards_dir), "train"))
+    return {s.keys[i]: s.load(i)[1]["frames"] for i in range(len(s))}
+
+
+def _epoch(loader) -> list[dict]:
+    return [dict(b, video=b["video"].clone()) for b in loader]
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@pytest.mark.parametrize("backend,codec", BACKENDS)
+def test_decoded_frames_are_the_tsn_indices(data, backend, codec):
+    frames = _frames_of(data[codec])
+    # val: segment centres, 2 temporal clips x 1 crop
+    loader = build_loader(_cfg(data[codec], backend), "val", views=(2, 1))
+    seen = 0
+    for batch in loader:
+        assert batch["video"].shape[1:] == (2, 8, 3, 32, 32)
+        for key, video, ok in zip(batch["key"], batch["video"], batch["valid"]):
+            if not ok:
+                continue
+            want = clip_indices(frames[key], 8, train=False, clips=2)
+            assert _numbers(video[0]) + _numbers(video[1]) == want, key
+            seen += 1
+    assert seen == len(frames) and not loader.skipped
+    # train: random offsets from the sample's own stream (crop keeps whole bands: scale 1 only)
+    cfg = _cfg(data[codec], backend, crop_scales=[1.0], color_jitter_prob=0.0, grayscale_prob=0.0)
+    loader = build_loader(cfg, "train", seed=3)
+    loader.set_epoch(2)
+    for batch in loader:
+        for key, video in zip(batch["key"], batch["video"]):
+            want = clip_indices(frames[key], 8, train=True, rng=sample_rng(3, 2, key, STREAM_FRAMES))
+            assert _numbers(video) == want, key
+
+
+def test_backends_agree_on_indices_and_images(data):
+    for split, views in (("train", (1, 1)), ("val", (2, 3))):
+        out = {}
+        for backend in ("cpu", "dali"):
+            loader = build_loader(_cfg(data["motion"], backend, image_size=40, batch_size=2), split, seed=5, views=views)
+            loader.set_epoch(1)
+            out[backend] = _epoch(loader)
+        assert len(out["cpu"]) == len(out["dali"]) == 4
+        for a, b in zip(out["cpu"], out["dali"]):
+            assert a["key"] == b["key"] and torch.equal(a["label"], b["label"])
+            diff = (a["video"] - b["video"]).abs()
+            # same crop/flip/colour; only YUV->RGB conversion and resampling differ (~1-3/255)
+            assert diff.mean() < 0.05, (split, diff.mean())
+            assert diff.flatten().quantile(0.99) < 0.3
+    # the same frames: frame-numbered VP9 shards through both backends, train offsets
+    cfg = dict(crop_scales=[1.0], color_jitter_prob=0.0, grayscale_prob=0.0)
+    nums = {}
+    for backend in ("cpu", "dali"):
+        loader = build_loader(_cfg(data["vp9"], backend, **cfg), "train", seed=9)
+        nums[backend] = [(k, _numbers(v)) for b in loader for k, v in zip(b["key"], b["video"])]
+    assert nums["cpu"] == nums["dali"]
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+@pytest.mark.parametrize("n,world,batch", [(12, 2, 4), (13, 2, 4), (17, 3, 2), (7, 4, 1), (30, 8, 3)])
+def test_partition_policy(n, world, batch):
+    for train in (True, False):
+        orders = [Partition(n, batch, r, world, train, seed=1).order(4).tolist() for r in range(world)]
+        jobs = [j for r in range(world) for j in Partition(n, batch, r, world, train, seed=1).jobs(4, 0, {})]
+        assert {len(j.gids) for j in jobs} == {batch}
+        real = [g for o in orders for g in o if g >= 0]
+        assert len(real) == len(set(real))  # no sample twice
+        assert len({len(o) for o in orders}) == 1  # same number of batches everywhere
+        if train:
+            assert len(real) == world * batch * (n // world // batch)  # drop only the remainder
+        else:
+            assert sorted(real) == list(range(n))  # every sample exactly once
+
+
+@pytest.mark.parametrize("backend,codec", [("cpu", "h264"), ("dali", "vp9")])
+def test_two_ranks_split_an_epoch(data, backend, codec):
+    keys = set(_frames_of(data[codec]))
+    for split in ("train", "val"):
+        per_rank = []
+        for rank in range(2):
+            loader = build_loader(_cfg(data[codec], backend, batch_size=3), split, rank=rank, world_size=2, seed=1)
+            assert len(loader) == 2
+            got = [k for b in loader for k, ok in zip(b["key"], b["valid"]) if ok]
+            per_rank.append(got)
+        union = per_rank[0] + per_rank[1]
+        assert len(union) == len(set(union)) and set(union) == keys  # 12 = 2 ranks x 2 batches x 3
+
+
+@pytest.mark.slow
+def test_two_processes_split_an_epoch(data):
+    """Real ranks: two processes (gloo) each iterate their loader and gather what they saw."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # never fork a process that runs threads (DALI, torch pools)
+    q = ctx.Queue()
+    init = f"file://{data['h264'].parent / 'dist_init'}"
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, init, str(data["h264"]), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    by_rank = dict(results)
+    assert by_rank[0]["gathered"] == by_rank[1]["gathered"]
+    for split in ("train", "val"):
+        union = [k for r in (0, 1) for k in by_rank[r]["gathered"][split][r]]
+        assert len(union) == len(set(union)) == 12
+        assert by_rank[0]["len"][split] == by_rank[1]["len"][split]
+
+
+def _rank_main(rank: int, world: int, init: str, shards: str, q) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    out = {"gathered": {}, "len": {}}
+    for split in ("train", "val"):
+        loader = build_loader(_cfg(Path(shards), "cpu", batch_size=3, num_workers=1), split, rank, world, seed=2)
+        mine = [k for b in loader for k, ok in zip(b["key"], b["valid"]) if ok]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        out["gathered"][split], out["len"][split] = gathered, len(loader)
+        loader.close()
+    dist.destroy_process_group()
+    q.put((rank, out))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("backend,codec,workers", [("cpu", "h264", 2), ("dali", "vp9", 1)])
+def test_restore_continues_with_exactly_the_next_batches(data, backend, codec, workers):
+    cfg = _cfg(data[codec], backend, batch_size=2, num_workers=workers)  # 6 batches per epoch
+    full = []
+    loader = build_loader(cfg, "train", seed=4)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        full += _epoch(loader)
+    loader.close()
+    assert len(full) == 12
+    for stop in (4, 6, 9):  # mid-epoch, exactly at the epoch boundary, in the second epoch
+        loader, got = build_loader(cfg, "train", seed=4), []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                got.append(dict(batch, video=batch["video"].clone()))
+                if len(got) == stop:
+                    break
+            if len(got) == stop:
+                break
+        state = loader.state_dict()
+        loader.close()
+        assert state["epoch"] * 6 + state["batch"] == stop and state["samples"] == state["batch"] * 2
+        restored = build_loader(cfg, "train", seed=4)
+        restored.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON/torch.save round trip
+        for epoch in range(restored.epoch, 2):
+            restored.set_epoch(epoch)  # keeps the restored position in the restored epoch
+            got += _epoch(restored)
+        restored.close()
+        assert [b["key"] for b in got] == [b["key"] for b in full]
+        for a, b in zip(got, full):
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["label"], b["label"])
+
+
+def test_epoch_bookkeeping(data):
+    loader = build_loader(_cfg(data["h264"], "cpu", batch_size=4), "train")
+    assert len(loader) == 3 and loader.num_samples == 12 and loader.samples_per_epoch == 12
+    first = [b["key"] for b in loader]
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 0
+    second = [b["key"] for b in loader]  # iterating again continues with the next epoch
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, []))
+    loader.set_epoch(0)
+    assert [b["key"] for b in loader] == first  # an epoch's order is a function of (seed, epoch)
+
+
+# --------------------------------------------------------------------------- bad samples
+
+
+def _corrupt(src: Path, dst: Path) -> tuple[str, str]:
+    """Copy a shard set; damage one stored video in place and append a planted non-video sample.
+
+    Returns (damaged key, planted key). The planted one has consistent size/crc metadata,
+    so only a decoder can find it: the path DALI dies on.
+    """
+    shutil.copytree(src, dst)
+    shards = ShardSet(*resolve_shards(str(dst), "train"))
+    off, size = shards.component(3, ShardSet.VIDEO)
+    ext = shards.load(3)[1]["ext"]
+    with open(shards.tars[shards.shard_of[3]], "r+b") as f:
+        f.seek(off + 16)
+        f.write(b"\x00garbage" * (size // 16))
+    planted = b"definitely not a video " * 40
+    good_meta = shards.load(0)[1]
+    meta = dict(good_meta, key="planted", source="planted.webm", bytes=len(planted), crc32=zlib.crc32(planted))
+    meta.pop("ext")
+    w = ShardWriter(dst / "train-000099.tar")
+    w.add("planted", {ext: planted, "cls": b"1", "json": dump_json(meta)})
+    w.close()
+    m = json.loads((dst / "manifest.json").read_text())
+    m["splits"]["train"]["shards"].append({"tar": "train-000099.tar", "idx": "train-000099.idx", "samples": 1, "bytes": 0})
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return shards.keys[3], "planted"
+
+
+@pytest.mark.parametrize("backend,codec", [("cpu", "h264"), ("dali", "vp9")])
+def test_corrupt_samples_are_skipped_counted_and_named(data, backend, codec, tmp_path, caplog):
+    damaged, planted = _corrupt(data[codec], tmp_path / "bad")
+    caplog.set_level(logging.WARNING, logger="claver_dist.data")
+    cfg = _cfg(tmp_path / "bad", backend, batch_size=2)  # 13 samples
+    train = build_loader(cfg, "train", seed=0)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        batches = _epoch(train)
+        assert len(batches) == len(train) == 6  # every step happens: bad slots are refilled
+        for b in batches:
+            assert b["valid"].all() and b["video"].shape == (2, 8, 3, 32, 32) and (b["label"] >= 0).all()
+            assert damaged not in b["key"] and planted not in b["key"]
+    val = build_loader(cfg, "val")
+    seen = {k: bool(ok) for b in val for k, ok in zip(b["key"], b["valid"]) if k}
+    assert seen.pop(damaged) is False and seen.pop(planted) is False and all(seen.values()) and len(seen) == 11
+    for loader in (train, val):
+        reasons = loader.skipped
+        assert set(reasons) <= {damaged, planted}
+    assert "crc32" in val.skipped[damaged]
+    assert ("DALI decode failed" if backend == "dali" else "cannot open") in val.skipped[planted]
+    assert val.skip_events == 2
+    logged = caplog.text
+    assert damaged in logged and planted in logged and "train-000099.tar" in logged
+
+
+# --------------------------------------------------------------------------- errors and GPU
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(ValueError, match="rebuild the shards with `make_shards.py --codec vp9`"):
+        build_loader(_cfg(data["h264"], "dali"), "train")
+    with pytest.raises(ShardError, match="no split 'test'"):
+        build_loader(_cfg(data["h264"], "cpu", val_split="test"), "val")
+    with pytest.raises(ShardError, match="cannot read shard manifest"):
+        build_loader(_cfg(tmp_path, "cpu"), "train")
+    with pytest.raises(ShardError, match="fewer than batch_size x world_size"):
+        build_loader(_cfg(data["h264"], "cpu", batch_size=7), "train", world_size=2)
+    with pytest.raises(ShardError, match="shards have 3 classes"):
+        build_loader(_cfg(data["h264"], "cpu"), "train", num_classes=400)
+    # a brace pattern of tars works without the manifest
+    loader = build_loader(_cfg(str(data["h264"]) + "/train-00000{0..2}.tar", "cpu"), "val")
+    assert loader.num_samples == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_gpu_decodes_h264_indices(data):
+    frames = _frames_of(data["h264"])
+    loader = build_loader(_cfg(data["h264"], "auto"), "val", device="cuda", views=(2, 3))
+    assert loader.backend_name == "dali"
+    for batch in loader:
+        assert batch["video"].is_cuda and batch["video"].shape[1:] == (6, 8, 3, 32, 32)
+        for key, video, ok in zip(batch["key"], batch["video"].cpu(), batch["valid"]):
+            if ok:
+                want = clip_indices(frames[key], 8, train=False, clips=2)
+                assert _numbers(video[0]) + _numbers(video[3]) == want
