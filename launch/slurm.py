@@ -1,0 +1,344 @@
+"""Start a training run on a SLURM cluster through submitit: one task per GPU, requeued on
+preemption and time limits until it has finished.
+
+    python launch/slurm.py --nodes 2 configs/k400_b16_8f.yaml              # 2 nodes x 8 GPUs = 16 ranks
+    python launch/slurm.py --nodes 8 --dry-run configs/k400_l14.yaml      # print the plan and sbatch script
+    python launch/slurm.py --nodes 2 --gpus-per-node 0 --partition cpu configs/debug.yaml   # CPU: 1 task/node
+
+Every task runs the trainer (``claver_dist.train``) with its rank, world size and master
+taken from SLURM (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / the job's first node), nccl
+on GPUs and gloo on CPU. The job folder is ``<run_dir>/slurm/<job id>/``: the sbatch script,
+submitit's pickles, and one log per task (``<job id>_<rank>_log.out|err``).
+
+Preemption and time limits (docs/slurm.md): the job asks SLURM for ``--signal=USR2@<delay>``
+(sent before the time limit, and at preemption where the cluster sets
+preempt_send_user_signal). On USR2 every rank asks its trainer to stop at the next step
+boundary; the trainer saves a checkpoint collectively and returns "stopped"; then rank 0
+runs ``scontrol requeue`` and the job starts again from the latest complete checkpoint,
+at most ``--max-requeues`` times (SLURM_RESTART_COUNT). SIGTERM and SIGUSR1 (scancel, the
+end of the grace time) also save, but never requeue: a cancelled job stays cancelled. A
+run with ``<run_dir>/finished`` is never trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# signal SLURM sends before the time limit and at preemption: save, then requeue. submitit's
+# default too; USR1 and TERM already mean "save and stop" to the trainer, without requeue.
+REQUEUE_SIGNAL = "USR2"
+# variables a torchrun (or an earlier in-process trainer: DistEnv.init exports them) may have
+# left in the submitting shell; sbatch copies that environment into every task, where they
+# would take precedence over SLURM's own variables in DistEnv.from_environ.
+_INHERITED_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                        "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+# job states after which nothing more will happen to a job (sacct / squeue spelling)
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+
+log = logging.getLogger("claver_dist.slurm")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="claver-slurm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, required=True, help="nodes to run on")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node, one task each (default 8); 0 = a CPU partition")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="processes per node (default: one per GPU, or 1 on a CPU partition)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per task (default 8 with GPUs, 1 without); sets OMP_NUM_THREADS")
+    p.add_argument("--mem", default=None, help="memory per node, sbatch syntax (e.g. 480G; 0 = all of it)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument("--time", type=int, default=1440, help="time limit per job in minutes (default 1440)")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit that SLURM sends USR2 (default 120; SLURM "
+                        "sends it up to 30 s earlier: it checks time limits every 30 s)")
+    p.add_argument("--max-requeues", type=int, default=10,
+                   help="requeues (time limit, preemption) before a stopped run is left stopped (default 10)")
+    p.add_argument("--job-name", default=None, help="default: the config's name")
+    p.add_argument("--folder", default=None, help="job folder (default <run_dir>/slurm/%%j)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the sbatch script; submit nothing")
+    p.add_argument("config", help="YAML recipe, e.g. configs/k400_b16_8f.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- plan (submit side)
+
+
+@dataclass
+class Plan:
+    """What will be submitted: the resolved numbers, sbatch parameters and the task to run."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    run_dir: Path
+    folder: Path
+    params: dict[str, Any] = field(default_factory=dict)   # submitit SlurmExecutor parameters
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.gpus_per_node > 0 else "gloo"
+
+
+def make_plan(args: argparse.Namespace, cfg) -> Plan:
+    """Resolve defaults and check the numbers; raises ValueError with the offending option."""
+    gpus = args.gpus_per_node
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else max(gpus, 1)
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else (8 if gpus else 1)
+    for name, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", gpus, 0), ("--tasks-per-node", tasks, 1),
+                             ("--cpus-per-task", cpus, 1), ("--time", args.time, 1),
+                             ("--signal-delay", args.signal_delay, 0), ("--max-requeues", args.max_requeues, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if gpus and tasks != gpus:
+        raise ValueError(f"--tasks-per-node {tasks} != --gpus-per-node {gpus}: the trainer runs one task per GPU")
+    if gpus and cfg.train.device == "cpu":
+        raise ValueError("--gpus-per-node > 0 but the config says train.device=cpu (use --gpus-per-node 0)")
+    if args.signal_delay >= args.time * 60:
+        raise ValueError(f"--signal-delay {args.signal_delay}s is not shorter than --time {args.time} min")
+    run_dir = cfg.resolved_run_dir().absolute()
+    folder = Path(args.folder).absolute() if args.folder else run_dir / "slurm" / "%j"
+    params: dict[str, Any] = {
+        "job_name": args.job_name or cfg.name,
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "cpus_per_task": cpus,
+        "time": args.time,
+        "signal_delay_s": args.signal_delay,
+        # pinned rather than submitit's SUBMITIT_PREEMPT_SIGNAL default; --requeue: some
+        # clusters set JobRequeue=0, and `scontrol requeue` needs the job to be requeueable
+        "additional_parameters": {"signal": f"{REQUEUE_SIGNAL}@{args.signal_delay}", "requeue": True},
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    return Plan(args.nodes, tasks, gpus, cpus, run_dir, folder, params)
+
+
+def sbatch_script(plan: Plan) -> str:
+    """The sbatch script submitit writes for this plan (its own generator, no cluster needed)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
+    return _make_sbatch_string(command=command, folder=plan.folder, **plan.params)
+
+
+# --------------------------------------------------------------------------- the task (job side)
+
+
+class TrainTask:
+    """What every SLURM task runs (pickled by submitit): train, and requeue when told to.
+
+    Returns "finished" or "stopped" (the submitit result of each task). When the run is
+    requeued, no task returns: they exit without a result, so that submitit (and anyone
+    waiting on the job) does not take the interrupted attempt for the outcome."""
+
+    def __init__(self, config: str, overrides: list[str], cwd: str, max_requeues: int):
+        self.config = config
+        self.overrides = list(overrides)
+        self.cwd = cwd
+        self.max_requeues = max_requeues
+        self._trainer = None
+        self._requeue_signal = False
+        self._early_stop = False
+
+    # signals can arrive before the trainer exists (a time limit warning during start-up);
+    # they are remembered and passed on once it does
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum == getattr(signal, "SIG" + REQUEUE_SIGNAL):
+            self._requeue_signal = True
+        log.warning("received %s: checkpointing at the next step%s", signal.Signals(signum).name,
+                    ", then requeueing" if self._requeue_signal else "")
+        if self._trainer is not None:
+            self._trainer.request_stop()
+        else:
+            self._early_stop = True
+
+    def _prepare_process(self) -> None:
+        os.chdir(self.cwd)  # relative paths in the config mean what they meant at submission
+        for var in _INHERITED_DIST_VARS:
+            os.environ.pop(var, None)
+        if "SLURM_CPUS_PER_TASK" in os.environ:
+            os.environ["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+        # TERM/USR1 are replaced by the trainer's own handlers once it trains; USR2 stays ours
+        # (it replaces submitit's, which would requeue and exit at once, mid-save on other ranks)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, getattr(signal, "SIG" + REQUEUE_SIGNAL)):
+            signal.signal(sig, self._on_signal)
+
+    def __call__(self) -> str:
+        self._prepare_process()
+        import torch
+
+        from claver_dist.config import load_config
+        from claver_dist.distributed import DistEnv
+        from claver_dist.train.metrics import setup_logging
+        from claver_dist.train.trainer import FINISHED, Trainer
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        cfg = load_config(self.config, self.overrides)
+        dist_env = DistEnv.from_environ(device=cfg.train.device)
+        setup_logging(dist_env.rank)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        # one line per task in its own log: where it runs (all ranks, hence print)
+        print(f"claver-slurm: job {os.environ.get('SLURM_JOB_ID')} restart {restarts} rank {dist_env.rank}/"
+              f"{dist_env.world_size} local {dist_env.local_rank} node {os.environ.get('SLURMD_NODENAME')} "
+              f"master {dist_env.master_addr}:{dist_env.master_port} {dist_env.backend}", flush=True)
+        run_dir = cfg.resolved_run_dir()
+        if (run_dir / FINISHED).exists():
+            log.info("%s is finished (%s exists): nothing to do", run_dir, FINISHED)
+            return "finished"
+
+        self._trainer = trainer = Trainer(cfg, dist_env)
+        try:
+            if self._early_stop:
+                trainer.request_stop()
+            status = trainer.train()
+            if status == "finished":
+                return status
+            requeue = self._any_rank(self._requeue_signal, dist_env, trainer.device)
+            if not requeue:
+                log.info("stopped at step %d by SIGTERM/SIGUSR1: not requeued", trainer.step)
+                return status
+            if restarts >= self.max_requeues:
+                log.warning("stopped at step %d: not requeued, %d requeues done (--max-requeues %d)",
+                            trainer.step, restarts, self.max_requeues)
+                return status
+            if dist_env.is_main and not self._requeue(run_dir, restarts, trainer.step):
+                return status
+        finally:
+            trainer.close()
+        # requeued: leave without a result (SystemExit is not an error to submitit)
+        raise SystemExit(0)
+
+    @staticmethod
+    def _any_rank(flag: bool, dist_env, device) -> bool:
+        """Requeue if any rank got the signal: all ranks must take the same exit."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=device)
+        if dist_env.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _requeue(self, run_dir: Path, restarts: int, step: int) -> bool:
+        job_id = os.environ["SLURM_JOB_ID"]
+        record = {"job_id": job_id, "restart_count": restarts, "step": step, "time": time.time()}
+        with open(run_dir / "slurm" / "requeues.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            log.error("scontrol requeue %s failed (%d): %s", job_id, res.returncode, res.stderr.strip())
+            return False
+        log.info("checkpoint at step %d saved; job %s requeued (requeue %d of at most %d)",
+                 step, job_id, restarts + 1, self.max_requeues)
+        return True
+
+
+# --------------------------------------------------------------------------- submit and watch
+
+
+def submit(plan: Plan, task: TrainTask):
+    """Submit through submitit; returns its Job (job.job_id, job.paths)."""
+    import submitit
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "slurm").mkdir(exist_ok=True)
+    executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=task.max_requeues)
+    executor.update_parameters(**plan.params)
+    return executor.submit(task)
+
+
+def job_state(job_id: str) -> tuple[str, int]:
+    """(state, restarts) of a job: squeue while slurmctld knows it, then accounting (sacct)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    if out.returncode == 0 and "JobState=" in out.stdout:
+        fields = dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+        return fields["JobState"], int(fields.get("Restarts", "0"))
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"],
+                         capture_output=True, text=True, timeout=30)
+    states = out.stdout.split()
+    if out.returncode != 0 or not states:
+        return "UNKNOWN", 0
+    return states[-1].split()[0], sum(s == "REQUEUED" for s in states)
+
+
+def wait(job_id: str, timeout_s: float, poll_s: float = 3.0) -> str:
+    """Wait, at most ``timeout_s``, until the job is in a final state; return it (else TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state, _ = job_state(job_id)
+        if state in FINAL_STATES:
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {state} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from claver_dist.config import ConfigError, load_config, to_dict
+
+    config = str(Path(args.config).absolute())
+    try:
+        cfg = load_config(config, args.overrides)
+        plan = make_plan(args, cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"claver-slurm: {e}", file=sys.stderr)
+        return 2
+    summary = (f"{plan.nodes} nodes x {plan.tasks_per_node} tasks = {plan.world_size} ranks "
+               f"({plan.backend}, {plan.gpus_per_node} GPUs/node, {plan.cpus_per_task} CPUs/task)")
+    if args.dry_run:
+        import yaml
+
+        print(f"# claver-slurm dry run: {summary}\n# run folder: {plan.run_dir}\n# job folder: {plan.folder}")
+        print("# ---- resolved config")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print("# ---- sbatch script")
+        print(sbatch_script(plan))
+        return 0
+    task = TrainTask(config, args.overrides, os.getcwd(), args.max_requeues)
+    job = submit(plan, task)
+    paths = job.task(0).paths
+    print(f"submitted job {job.job_id}: {summary}")
+    print(f"  run folder: {plan.run_dir}")
+    print(f"  job folder: {paths.folder}")
+    print(f"  logs:       {paths.stdout} (rank 0), {paths.stderr}; "
+          f"{paths.folder}/{job.job_id}_<rank>_log.out|err for the others")
+    print(f"  follow: tail -f {paths.stdout}    cancel: scancel {job.job_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    # run from the package module, so that submitit pickles TrainTask by reference
+    # (launch.slurm.TrainTask) rather than by value from __main__
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from launch.slurm import main as _main
+
+    sys.exit(_main())

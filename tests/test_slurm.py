@@ -1,0 +1,403 @@
+"""SLURM launcher (launch/slurm.py) against a real SLURM cluster on this machine.
+
+    sudo scripts/slurm_cluster.sh up                 # two nodes, accounting (make test does this)
+    python -m pytest -q tests/test_slurm.py          # ~6-8 min on 2 cores
+
+Jobs are real: submitit pickles, sbatch, srun, 2 nodes x 1 task of DeepSpeed over gloo.
+Preemption is SLURM's own (a job in the higher-tier `urgent` partition), the time limit is a
+real 1-minute one, cancellation a real scancel. The dry-run tests need no cluster; the
+others skip, saying why, where no cluster runs and none can be started (not root).
+Every wait is bounded; on failure the job logs and the cluster's daemon logs are printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch import slurm
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_SCRIPT = REPO / "scripts/slurm_cluster.sh"
+STEPS = 60  # reference and preempted runs
+# The time-limit run must need more than two 1-minute jobs' worth of training. A job trains
+# at most ~53 s (signal <= 58 s after its start, start-up >= 5 s), so the run gets 130 s of
+# steps at the speed measured on the reference run: 2-4 requeues whatever the machine.
+TIME_LIMIT_TRAIN_S = 130
+
+
+# --------------------------------------------------------------------------- cluster and data
+
+
+def _start_cluster() -> str | None:
+    """None when a cluster answers (started here if needed), else why not."""
+    if shutil.which("scontrol") and subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True,
+                                                   timeout=60).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "no SLURM test cluster is running and only root can start one: sudo scripts/slurm_cluster.sh up"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "claver-slurm-cluster-up.log"
+    with open(log, "w") as f:  # a file, not a pipe: the daemons it starts outlive the script
+        try:
+            rc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout (900 s)"
+    if rc != 0:
+        return f"scripts/slurm_cluster.sh up failed ({rc}):\n{log.read_text()[-3000:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    reason = _start_cluster()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """4 motion classes x 12 train / 4 val videos, sharded by the real shard builder."""
+    from claver_dist.data.synthetic import MotionSpec, write_motion_dataset
+    from tools.make_shards import main as make_shards
+
+    root = tmp_path_factory.mktemp("slurm-data")
+    paths = write_motion_dataset(root / "videos", num_classes=4, per_class=12, val_per_class=4,
+                                 spec=MotionSpec(width=80, height=64, min_frames=16, max_frames=20), seed=0)
+    for split in ("train", "val"):
+        assert make_shards([str(paths[split]), "--labels", str(paths["labels"]), "--out", str(root / "shards"),
+                            "--split", split, "--short-side", "64", "--workers", "1", "--no-progress"]) == 0
+    (root / "shards" / "labels.csv").write_text(paths["labels"].read_text())
+    return root / "shards"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.train_shards={data}", f"data.val_shards={data}", f"text.labels={data / 'labels.csv'}",
+            f"run_dir={run_dir}", "data.batch_size=4", "data.num_workers=0", "log.every_steps=1",
+            "log.count_flops=false", "log.progress_bar=false", "train.val_every_epochs=1000", "train.device=cpu",
+            f"train.max_steps={steps}", "checkpoint.every_steps=25", *extra]
+
+
+def submit(data: Path, run_dir: Path, steps: int, *launcher_args: str, extra: tuple[str, ...] = ()) -> str:
+    """`python launch/slurm.py --nodes 2 --gpus-per-node 0 ... configs/debug.yaml ...`, in process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = slurm.main(["--nodes", "2", "--gpus-per-node", "0", "--time", "10", *launcher_args,
+                         str(REPO / "configs/debug.yaml"), *overrides(data, run_dir, steps, *extra)])
+    print(out.getvalue())
+    assert rc == 0
+    m = re.search(r"submitted job (\d+)", out.getvalue())
+    assert m, out.getvalue()
+    assert f"{run_dir}/slurm/{m.group(1)}/{m.group(1)}_0_log.out" in out.getvalue()
+    return m.group(1)
+
+
+def sh(*cmd: str, timeout: float = 60) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def dump_logs(*run_dirs: Path) -> None:
+    """What a failing test leaves behind: every task log, accounting, the daemons' logs."""
+    for run_dir in run_dirs:
+        for f in sorted(run_dir.glob("slurm/*/*_log.*")):
+            print(f"==== {f} (tail)\n{f.read_text(errors='replace')[-4000:]}")
+    print("==== sacct\n" + sh("sacct", "-D", "-X", "-S", "now-1hour", "-o", "JobID,JobName,Partition,State,ExitCode,"
+                               "Start,End,NodeList,Reason"))
+    print(sh("bash", str(CLUSTER_SCRIPT), "logs"))
+
+
+@contextlib.contextmanager
+def logs_on_failure(*run_dirs: Path):
+    try:
+        yield
+    except BaseException:
+        dump_logs(*run_dirs)
+        raise
+
+
+def wait_job(job_id: str, timeout_s: float) -> str:
+    try:
+        return slurm.wait(job_id, timeout_s)
+    except TimeoutError:
+        subprocess.run(["scancel", job_id], timeout=30)
+        raise
+
+
+def steps_logged(run_dir: Path) -> dict[int, float]:
+    """step -> loss, the last logged value of each step (a resumed run logs some again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = 180) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = max(steps_logged(run_dir), default=0)
+        if done >= step:
+            return done
+        state, _ = slurm.job_state(job_id)
+        assert state not in slurm.FINAL_STATES, f"job {job_id} ended ({state}) before step {step}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], timeout=30)
+    raise AssertionError(f"job {job_id}: step {step} not reached in {timeout_s}s")
+
+
+def attempts(job_id: str) -> list[str]:
+    """The states of every run of a job, oldest first (accounting keeps each requeued attempt)."""
+    return sh("sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State").split()
+
+
+def results(run_dir: Path, job_id: str, tasks: int = 2) -> list[str]:
+    """Each task's submitit result (the job is over: the result pickles are read at once)."""
+    import submitit
+
+    return submitit.SlurmJob(folder=run_dir / "slurm" / job_id, job_id=job_id, tasks=tuple(range(tasks))).results()
+
+
+def task_log(run_dir: Path, job_id: str, rank: int = 0) -> str:
+    return (run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.out").read_text()
+
+
+def requeue_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm" / "requeues.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- dry run (no cluster)
+
+
+def test_dry_run_eight_nodes_of_eight_gpus(tmp_path, monkeypatch, capsys):
+    """The L/14 recipe on 8 x 8 GPUs: 64 nccl ranks, one task per GPU, the requeue signal,
+    nothing submitted, no SLURM needed (PATH without sbatch/srun)."""
+    from claver_dist.config import load_config, to_dict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert slurm.main(["--nodes", "8", "--dry-run", str(REPO / "configs/k400_l14.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "8 nodes x 8 tasks = 64 ranks (nccl, 8 GPUs/node" in out
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --time=1440",
+                 "#SBATCH --job-name=k400_l14", "#SBATCH --open-mode=append"):
+        assert line in out.splitlines(), line
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert f"{sys.executable} -u -m submitit.core._submit" in srun
+    assert f"{tmp_path}/runs/k400_l14/slurm/%j/%j_%t_log.out" in srun
+    config = out.split("# ---- resolved config\n")[1].split("# ---- sbatch script")[0]
+    expected = json.loads(json.dumps(to_dict(load_config(REPO / "configs/k400_l14.yaml"))))  # tuples -> lists
+    assert yaml.safe_load(config) == expected
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_cpu_partition_and_bad_requests(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = str(REPO / "configs/debug.yaml")
+    assert slurm.main(["--nodes", "2", "--gpus-per-node", "0", "--partition", "cpu", "--qos", "low",
+                       "--account", "vision", "--mem", "16G", "--dry-run", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes x 1 tasks = 2 ranks (gloo, 0 GPUs/node, 1 CPUs/task)" in out
+    assert "#SBATCH --ntasks-per-node=1" in out and "gpus-per-node" not in out
+    for line in ("#SBATCH --partition=cpu", "#SBATCH --qos=low", "#SBATCH --account=vision", "#SBATCH --mem=16G"):
+        assert line in out.splitlines(), line
+    bad = {("--nodes", "0"): "--nodes must be >= 1",
+           ("--nodes", "1", "--tasks-per-node", "4"): "one task per GPU",
+           ("--nodes", "1", "--time", "1", "--signal-delay", "60"): "not shorter than --time",
+           ("--nodes", "1", "--gpus-per-node", "2", "train.device=cpu"): "train.device=cpu"}
+    for args, message in bad.items():
+        opts = [a for a in args if "=" not in a]
+        over = [a for a in args if "=" in a]
+        assert slurm.main([*opts, "--dry-run", cfg, *over]) == 2, args
+        assert message in capsys.readouterr().err
+    assert slurm.main(["--nodes", "1", "--dry-run", cfg, "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, shards, tmp_path_factory) -> tuple[Path, str]:
+    """An uninterrupted 2-node run. The submitting process carries stale torchrun variables
+    (as after an in-process trainer: DistEnv.init exports them; sbatch copies the submitting
+    environment into the job): the tasks must still take their ranks from SLURM."""
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "reference"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "1"}.items():
+            mp.setenv(k, v)
+        job = submit(shards, run_dir, STEPS)
+    with logs_on_failure(run_dir):
+        assert wait_job(job, 300) == "COMPLETED"
+    return run_dir, job
+
+
+@pytest.mark.slurm
+def test_two_nodes_train_checkpoint_and_finish(reference_run):
+    from claver_dist.train import checkpoint as ckpt_lib
+
+    run_dir, job = reference_run
+    with logs_on_failure(run_dir):
+        assert results(run_dir, job) == ["finished", "finished"]
+        assert attempts(job) == ["COMPLETED"]
+        nodes = set()
+        for rank in (0, 1):
+            banner = re.search(rf"claver-slurm: job {job} restart 0 rank {rank}/2 local 0 node (n\d) "
+                               rf"master n1:\d+ gloo", task_log(run_dir, job, rank))
+            assert banner, task_log(run_dir, job, rank)[-3000:]
+            nodes.add(banner.group(1))
+        assert nodes == {"n1", "n2"}  # one task on each node
+        assert "2 processes (gloo, cpu)" in task_log(run_dir, job)
+        latest = ckpt_lib.find_latest(run_dir / "checkpoints")
+        assert latest.name == ckpt_lib.tag_for(STEPS)
+        assert ckpt_lib.read_meta(latest)["world_size"] == 2
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == \
+            [ckpt_lib.tag_for(50), ckpt_lib.tag_for(STEPS)]  # every 25 steps, keep_last 2
+        assert sorted(steps_logged(run_dir)) == list(range(1, STEPS + 1))
+        assert (run_dir / "finished").read_text() == f"step {STEPS}\n"
+        assert (run_dir / "export" / "model.safetensors").is_file()
+        assert (run_dir / "config.yaml").is_file()
+        assert requeue_records(run_dir) == []
+
+
+@pytest.mark.slurm
+def test_preemption_requeues_and_resumes_exactly(reference_run, shards, tmp_path):
+    """A job in the `urgent` partition preempts the run: SLURM sends USR2, every rank saves,
+    rank 0 requeues; the run resumes from that checkpoint and ends where the reference did."""
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "preempted"
+    job = submit(shards, run_dir, STEPS)
+    with logs_on_failure(run_dir):
+        wait_for_step(run_dir, 12, job)
+        urgent = sh("sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", str(tmp_path / "urgent.out"),
+                    "--wrap", "sleep 2").strip()
+        assert urgent.isdigit(), urgent
+        assert wait_job(urgent, 120) == "COMPLETED"
+        assert wait_job(job, 300) == "COMPLETED"
+        assert attempts(job) == ["REQUEUED", "COMPLETED"]
+        assert slurm.job_state(job)[1] == 1
+        [record] = requeue_records(run_dir)
+        stop = record["step"]
+        assert 12 <= stop < STEPS and record["restart_count"] == 0
+        log = task_log(run_dir, job)
+        assert "received SIGUSR2" in log
+        assert f"resumed from {run_dir}/checkpoints/step_{stop:08d} at step {stop}" in log
+        assert results(run_dir, job) == ["finished", "finished"]
+        ref, run = steps_logged(ref_dir), steps_logged(run_dir)
+        assert sorted(run) == list(range(1, STEPS + 1))
+        assert all(run[s] == ref[s] for s in range(stop + 1, STEPS + 1)), "losses after the resume differ"
+        a, b = load_weights(ref_dir), load_weights(run_dir)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ from the uninterrupted run"
+
+
+@pytest.mark.slurm
+def test_finished_run_is_never_restarted(reference_run, shards):
+    run_dir, first = reference_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "slurm" not in p.parts}
+    job = submit(shards, run_dir, STEPS)
+    with logs_on_failure(run_dir):
+        assert wait_job(job, 120) == "COMPLETED"
+        assert results(run_dir, job) == ["finished", "finished"]
+        assert "is finished (finished exists): nothing to do" in task_log(run_dir, job)
+        after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "slurm" not in p.parts}
+        assert after == before  # no checkpoint, metric or export touched
+
+
+@pytest.mark.slurm
+def test_cancel_saves_and_is_not_requeued(slurm_cluster, shards, tmp_path):
+    """scancel sends SIGTERM: the trainer saves, but a cancelled job must stay cancelled
+    (`scontrol requeue` would happily revive it)."""
+    from claver_dist.train import checkpoint as ckpt_lib
+
+    run_dir = tmp_path / "cancelled"
+    job = submit(shards, run_dir, 5000)
+    with logs_on_failure(run_dir):
+        wait_for_step(run_dir, 5, job)
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        assert wait_job(job, 120).startswith("CANCELLED")
+        deadline = time.monotonic() + 60
+        while "not requeued" not in task_log(run_dir, job) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stop = re.search(r"stopped at step (\d+) by SIGTERM/SIGUSR1: not requeued", task_log(run_dir, job))
+        assert stop, "rank 0 did not report its stop"
+        time.sleep(3)  # rank 0 has decided; give a (wrong) requeue the time to show
+        assert slurm.job_state(job) == ("CANCELLED", 0)
+        assert requeue_records(run_dir) == []
+        assert ckpt_lib.find_latest(run_dir / "checkpoints").name == ckpt_lib.tag_for(int(stop.group(1)))
+        assert not (run_dir / "finished").exists()
+
+
+@pytest.mark.slurm
+def test_max_requeues_reached_leaves_the_run_stopped(slurm_cluster, shards, tmp_path):
+    """With --max-requeues 0 the requeue signal still saves, and the job then ends cleanly."""
+    from claver_dist.train import checkpoint as ckpt_lib
+
+    run_dir = tmp_path / "no-requeue"
+    job = submit(shards, run_dir, 5000, "--max-requeues", "0")
+    with logs_on_failure(run_dir):
+        wait_for_step(run_dir, 5, job)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # what SLURM sends
+        assert wait_job(job, 120) == "COMPLETED"
+        assert attempts(job) == ["COMPLETED"]
+        assert results(run_dir, job) == ["stopped", "stopped"]
+        stop = re.search(r"stopped at step (\d+): not requeued, 0 requeues done \(--max-requeues 0\)",
+                         task_log(run_dir, job))
+        assert stop
+        assert ckpt_lib.find_latest(run_dir / "checkpoints").name == ckpt_lib.tag_for(int(stop.group(1)))
+        assert requeue_records(run_dir) == [] and not (run_dir / "finished").exists()
+
+
+def steps_per_second(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    t = {r["step"]: r["time"] for r in rows if "loss" in r}
+    first, last = 10, max(t)  # after the warm-up steps
+    return (last - first) / (t[last] - t[first])
+
+
+@pytest.mark.slurm
+def test_time_limit_requeues_until_finished(reference_run, shards, tmp_path):
+    """--time 1: SLURM signals each job 30-60 s before its limit (it checks every 30 s); the
+    run needs more than two jobs' worth of training, so it is requeued at least twice."""
+    steps = round(TIME_LIMIT_TRAIN_S * steps_per_second(reference_run[0]))
+    print(f"time limit run: {steps} steps")
+    run_dir = tmp_path / "time-limit"
+    job = submit(shards, run_dir, steps, "--time", "1", "--signal-delay", "2",
+                 extra=("checkpoint.every_steps=1000", "log.every_steps=10"))
+    with logs_on_failure(run_dir):
+        assert wait_job(job, 600) == "COMPLETED"
+        runs = attempts(job)
+        records = requeue_records(run_dir)
+        print(f"time limit: attempts {runs}, requeued at steps {[r['step'] for r in records]}")
+        assert len(records) >= 2 and runs == ["REQUEUED"] * len(records) + ["COMPLETED"]
+        assert [r["restart_count"] for r in records] == list(range(len(records)))
+        stops = [r["step"] for r in records]
+        assert stops == sorted(stops) and len(set(stops)) == len(stops) and stops[-1] < steps
+        log = task_log(run_dir, job)
+        for s in stops:
+            assert f"resumed from {run_dir}/checkpoints/step_{s:08d} at step {s}" in log
+        assert (run_dir / "finished").read_text() == f"step {steps}\n"
+        assert max(steps_logged(run_dir)) == steps
+        assert results(run_dir, job) == ["finished", "finished"]
