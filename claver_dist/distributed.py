@@ -52,6 +52,19 @@ def _first_slurm_host(nodelist: str) -> str:
         return head
 
 
+def _slurm_tasks_on_node(env: dict[str, str]) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE is e.g. "2(x3),1" (node i's
+    count at position i); SLURM_NTASKS_PER_NODE exists only when --ntasks-per-node was given."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or \
+        env.get("SLURM_NTASKS_PER_NODE", "1")
+    counts: list[int] = []
+    for part in spec.split(","):
+        n, _, repeat = part.partition("(x")
+        counts += [int(n)] * int(repeat.rstrip(")") or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[min(node, len(counts) - 1)]
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
@@ -89,10 +102,16 @@ class DistEnv:
             source = "slurm"
             rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
             local = _int_env(env, "SLURM_LOCALID")
-            local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+            try:
+                local_world = _slurm_tasks_on_node(env)
+            except ValueError:
+                raise DistError(f"cannot read tasks per node from SLURM_STEP_TASKS_PER_NODE="
+                                f"{env.get('SLURM_STEP_TASKS_PER_NODE')!r}") from None
             addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-            # a port derived from the job id: every task computes the same one
-            port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+            # a port derived from the job id: every task computes the same one. 15000-29999
+            # stays below Linux's ephemeral range (32768-60999), where an outgoing connection
+            # on the master node could already hold it.
+            port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000
         else:
             source, rank, world, local, local_world = "single", 0, 1, 0, 1
             addr, port = "127.0.0.1", free_port()
