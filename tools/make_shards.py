@@ -252,7 +252,9 @@ def build(args: argparse.Namespace) -> dict:
 
 def _run(jobs: list, args: argparse.Namespace):
     if args.workers > 1 and len(jobs) > 1:
-        pool = mp.get_context("fork").Pool(min(args.workers, len(jobs)))
+        # spawn, not fork: the caller may already run threads (a fork could inherit a held lock);
+        # not forkserver either, whose one server per process the CPU loader sets up for itself
+        pool = mp.get_context("spawn").Pool(min(args.workers, len(jobs)))
         it = pool.imap(process, jobs, chunksize=1)
     else:
         pool, it = None, map(process, jobs)

@@ -94,7 +94,7 @@ def multiscale_crop_box(width: int, height: int, scales, max_distort: int, rng: 
     return x0, y0, cw, ch
 
 
-def test_crop_boxes(width: int, height: int, crops: int) -> list[Box]:
+def view_crop_boxes(width: int, height: int, crops: int) -> list[Box]:
     """Squares of the short side: the centre one (crops=1) or start/centre/end (crops=3)."""
     side = min(width, height)
     cx, cy = (width - side) // 2, (height - side) // 2
@@ -164,7 +164,7 @@ def draw_params(
         m, o = random_color(spec, rng)
         return ViewParams([box], flip, m, o)
     m, o = color_transform()
-    return ViewParams(test_crop_boxes(width, height, crops), False, m, o)
+    return ViewParams(view_crop_boxes(width, height, crops), False, m, o)
 
 
 # --------------------------------------------------------------------------- torch application
@@ -177,25 +177,31 @@ def apply_views(
     mean: tuple[float, ...] = CLIP_MEAN,
     std: tuple[float, ...] = CLIP_STD,
 ) -> torch.Tensor:
-    """uint8 ``[F, H, W, 3]`` -> float32 ``[len(boxes), F, 3, size, size]`` (the contract above)."""
+    """uint8 ``[F, H, W, 3]`` -> float32 ``[len(boxes), F, 3, size, size]`` (the contract above).
+
+    Resizing runs on uint8 in channels-last layout (torch's vectorised antialias path,
+    ~10x faster than float) and rounds to integers, which costs at most half a grey
+    level; colour, clamp and normalisation are then one [N, 3] x [3, 3] product.
+    """
     x = torch.as_tensor(frames)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected [F, H, W, 3] frames, got {tuple(x.shape)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    color = None if params.identity_color else torch.from_numpy(params.color)
-    offset = torch.from_numpy(params.offset).view(1, 3, 1, 1)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 [F, H, W, 3] frames, got {x.dtype} {tuple(x.shape)}")
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))
+    shift = -torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
+    color = None if params.identity_color else torch.from_numpy(params.color).T.contiguous()
+    offset = torch.from_numpy(params.offset)
     views = []
     for x0, y0, w, h in params.boxes:
-        v = x[:, y0 : y0 + h, x0 : x0 + w].permute(0, 3, 1, 2).float()
+        v = x[:, y0 : y0 + h, x0 : x0 + w].permute(0, 3, 1, 2)  # [F, 3, h, w], channels-last strides
         if (h, w) != (size, size):
             v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if params.flip:
             v = v.flip(-1)
+        pix = v.permute(0, 2, 3, 1).reshape(-1, 3).float()  # [F*S*S, 3]
         if color is not None:
-            v = torch.einsum("ij,fjhw->fihw", color, v) + offset
-        v = v.clamp_(0, 255)
-        views.append((v - mean_t) / std_t)
+            pix = (pix @ color).add_(offset).clamp_(0, 255)
+        pix = pix.mul_(scale).add_(shift)
+        views.append(pix.view(x.shape[0], size, size, 3).permute(0, 3, 1, 2))
     return torch.stack(views)
 
 
@@ -205,13 +211,14 @@ def apply_views(
 class VideoMixup:
     """Mixup/cutmix (timm) or plain label smoothing for video batches ``[B, T, 3, S, S]``.
 
-    timm draws from numpy's global generator; this wrapper swaps in its own state for
-    each call, so the mixing sequence is seeded, independent of other numpy users, and
-    resumable through ``state_dict``.
+    timm draws from numpy's global generator. With ``seed=None`` that is kept: the caller
+    controls the draws by seeding numpy (e.g. per step and rank, which also makes them
+    resumable). With an integer seed the wrapper swaps in its own generator state for
+    each call, independent of other numpy users, resumable through ``state_dict``.
     """
 
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
-                 prob: float, label_smoothing: float, seed: int = 0):  # fmt: skip
+                 prob: float, label_smoothing: float, seed: int | None = None):  # fmt: skip
         from timm.data.mixup import Mixup
 
         self.num_classes = num_classes
@@ -219,7 +226,7 @@ class VideoMixup:
         self.active = (mixup_alpha > 0 or cutmix_alpha > 0) and prob > 0
         self._mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
                             mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)  # fmt: skip
-        self._state = np.random.RandomState(seed).get_state()
+        self._state = None if seed is None else np.random.RandomState(seed).get_state()
 
     def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.active:
@@ -229,6 +236,9 @@ class VideoMixup:
         shape = video.shape
         # timm's cutmix indexes x[:, :, y, x]: fold frames into channels so boxes are spatial
         flat = video.reshape(shape[0], -1, shape[-2], shape[-1])
+        if self._state is None:
+            flat, target = self._mixup(flat, label)
+            return flat.reshape(shape), target
         outer = np.random.get_state()
         np.random.set_state(self._state)
         try:
@@ -239,12 +249,15 @@ class VideoMixup:
         return flat.reshape(shape), target
 
     def state_dict(self) -> dict:
+        if self._state is None:
+            return {}
         name, keys, pos, has_gauss, cached = self._state
         return {"keys": torch.from_numpy(np.asarray(keys).copy()), "pos": int(pos), "has_gauss": int(has_gauss),
                 "cached": float(cached), "name": name}  # fmt: skip
 
     def load_state_dict(self, d: dict) -> None:
-        self._state = (d["name"], np.asarray(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], d["cached"])
+        if d:
+            self._state = (d["name"], np.asarray(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], d["cached"])
 
 
 def _smooth_one_hot(label: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -260,13 +273,14 @@ def build_mixup(
     switch_prob: float = 0.5,
     prob: float = 1.0,
     label_smoothing: float = 0.1,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> VideoMixup:
     """``(video [B,T,3,S,S], label [B]) -> (video, soft targets [B, C])``; rows sum to 1.
 
     With both alphas 0 (or prob 0) it only applies label smoothing; otherwise timm's
     Mixup mixes the batch with its reverse and smooths the mixed targets, as the
-    reference recipe does. Give each rank its own ``seed`` (e.g. seed + rank).
+    reference recipe does. Draws come from numpy's global generator (seed it per step
+    and rank), or from a private one when ``seed`` is given.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")

@@ -216,7 +216,7 @@ def write_motion_dataset(
     if workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers) as pool:  # never fork a threaded caller
             it = pool.imap_unordered(_write_one, jobs, chunksize=4)
             _drain(it, len(jobs), progress)
     else:
