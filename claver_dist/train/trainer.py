@@ -57,7 +57,8 @@ class Trainer:
         self.epoch = 0
         self.micro_in_epoch = 0       # micro-batches consumed in the current epoch
         self.best_top1 = -1.0
-        self.stop_requested = False
+        self.stop_requested = False   # agreed by all ranks (all-reduced every micro-step)
+        self._stop_pending = False    # this rank's request (a signal), agreed at the next all-reduce
         self.bad_micro_steps = 0
         self._setup()
 
@@ -181,7 +182,7 @@ class Trainer:
         """All ranks agree on a non-finite loss; 'error' stops, 'skip' drops the micro-batch."""
         bad = 0.0 if torch.isfinite(loss).item() else 1.0
         loss_sum, bad_any, stop_any = self._all_reduce([loss.item() if not bad else 0.0, bad,
-                                                        float(self.stop_requested)])
+                                                        float(self._stop_pending)])
         self.stop_requested = stop_any > 0
         if not bad_any:
             self.bad_micro_steps = 0
@@ -358,8 +359,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self) -> None:
-        """Ask the run to checkpoint and stop at the next step boundary (all ranks agree)."""
-        self.stop_requested = True
+        """Ask the run to checkpoint and stop at the next step boundary (all ranks agree).
+
+        Only a pending flag: a signal can land between the all-reduce and the step-end check,
+        and a rank acting on it alone would enter the checkpoint's collectives while the
+        others start the next step (a deadlock, seen under SLURM's time-limit signal)."""
+        self._stop_pending = True
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
