@@ -104,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     p.add_argument("--backends", default="cpu,dali-cpu,dali-gpu", help="comma list; dali-gpu needs CUDA")
     a = p.parse_args(argv)
+    wanted = [b.strip() for b in a.backends.split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in ("cpu", "dali-cpu", "dali-gpu")]
+    if unknown:
+        p.error(f"unknown backends {unknown} (choose from cpu, dali-cpu, dali-gpu)")
     h264, vp9 = a.h264, a.vp9
-    if h264 is None or vp9 is None:
+    if (h264 is None and set(wanted) & {"cpu", "dali-gpu"}) or (vp9 is None and "dali-cpu" in wanted):
         gen_h264, gen_vp9 = make_data(Path(a.data), a.videos, a.seconds, a.workers)
         h264, vp9 = h264 or gen_h264, vp9 or gen_vp9
     runs = {"cpu": ("cpu", "cpu", h264), "dali-cpu": ("dali", "cpu", vp9), "dali-gpu": ("dali", "cuda", h264)}
-    wanted = [b.strip() for b in a.backends.split(",") if b.strip()]
-    unknown = [b for b in wanted if b not in runs]
-    if unknown:
-        p.error(f"unknown backends {unknown} (choose from {list(runs)})")
     rows = []
     for name in wanted:
         backend, device, shards = runs[name]
