@@ -311,6 +311,24 @@ def test_corrupt_samples_are_skipped_counted_and_named(data, backend, codec, tmp
     assert damaged in logged and planted in logged and "train-000099.tar" in logged
 
 
+def test_bad_sample_policy_units():
+    from claver_dist.data.loader import BatchJob, SampleResult, assemble
+
+    ok = lambda g, v: SampleResult(g, f"k{g}", g % 3, torch.full((2,), float(v)))  # noqa: E731
+    bad = lambda g: SampleResult(g, f"k{g}", error="broken")  # noqa: E731
+    job = BatchJob(0, 0, [0, 1, 2, 3], lookahead=[4, 5])
+    b = assemble(job, [bad(0), ok(1, 1), bad(2), ok(3, 3)], True, (2,))
+    assert b["key"] == ["k1", "k1", "k3", "k3"] and b["valid"].all() and b["video"][:, 0].tolist() == [1, 1, 3, 3]
+    assert [s[1] for s in b["skipped"]] == ["k0", "k2"]
+    b = assemble(job, [bad(0), ok(1, 1), bad(2), SampleResult(-1, "")], False, (2,))
+    assert b["valid"].tolist() == [False, True, False, False] and b["label"].tolist() == [-1, 1, -1, -1]
+    assert b["key"] == ["k0", "k1", "k2", ""] and b["video"][0].abs().sum() == 0
+    b = assemble(job, [bad(g) for g in range(4)], True, (2,), fetch_more=lambda: ([ok(5, 5)], [(4, "k4", "broken")]))
+    assert b["key"] == ["k5"] * 4 and len(b["skipped"]) == 5
+    with pytest.raises(RuntimeError, match="all unusable .first: k0: broken.*shards look broken"):
+        assemble(job, [bad(g) for g in range(4)], True, (2,), fetch_more=lambda: ([], []))
+
+
 # --------------------------------------------------------------------------- errors and GPU
 
 

@@ -20,7 +20,7 @@ import torch
 
 from claver_dist.data.augment import apply_views
 from claver_dist.data.config import DataConfig
-from claver_dist.data.loader import BatchJob, SampleContext, SampleResult, assemble, prepare, stack_batch
+from claver_dist.data.loader import BatchJob, SampleContext, SampleResult, assemble, empty_shape, prepare
 from claver_dist.data.shards import SampleError, ShardSet
 from claver_dist.data.video import VideoError, decode_frames
 
@@ -77,11 +77,7 @@ class _Batches(torch.utils.data.Dataset):
                 skipped.append((r.gid, r.key, r.error))
             return [], skipped
 
-        parts = assemble(job, results, self.ctx.train, fetch_more)
-        shape = (self.ctx.num_frames, 3, self.size, self.size)
-        if (self.ctx.clips, self.ctx.crops) != (1, 1):
-            shape = (self.ctx.clips * self.ctx.crops,) + shape
-        return stack_batch(parts, shape)
+        return assemble(job, results, self.ctx.train, empty_shape(self.ctx, self.size), "cpu", fetch_more)
 
 
 class _JobSampler(torch.utils.data.Sampler):

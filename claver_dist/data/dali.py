@@ -38,7 +38,7 @@ import torch
 
 from claver_dist.data.augment import CLIP_MEAN, CLIP_STD
 from claver_dist.data.config import DataConfig
-from claver_dist.data.loader import BatchJob, Prepared, SampleContext, SampleResult, assemble, prepare, stack_batch
+from claver_dist.data.loader import BatchJob, Prepared, SampleContext, SampleResult, assemble, empty_shape, prepare
 from claver_dist.data.shards import SampleError, ShardSet
 
 try:
@@ -241,11 +241,8 @@ class DaliBackend:
                 skipped.append((r.gid, r.key, r.error))
             return [], skipped
 
-        parts = assemble(fed.job, fed.slots, self.ctx.train, fetch_more)
-        shape = (self.ctx.num_frames, 3, self.size, self.size)
-        if (self.ctx.clips, self.ctx.crops) != (1, 1):
-            shape = (self.ctx.clips * self.ctx.crops,) + shape
-        return stack_batch(parts, shape, self.device)
+        shape = empty_shape(self.ctx, self.size)
+        return assemble(fed.job, fed.slots, self.ctx.train, shape, self.device, fetch_more)
 
     def run(self, jobs: Iterator[BatchJob], epoch: int) -> Iterator[dict[str, Any]]:
         # One batch runs in DALI while the consumer works on the previous one; `prefetch`

@@ -170,11 +170,13 @@ class SampleResult:
     error: str | None = None
 
 
-def assemble(job: BatchJob, results: list[SampleResult], train: bool, fetch_more=None) -> dict[str, Any]:
-    """A batch dict from per-slot results, applying the bad-sample policy.
+def assemble(job: BatchJob, results: list[SampleResult], train: bool, sample_shape: tuple[int, ...],
+             device: torch.device | str = "cpu", fetch_more=None) -> dict[str, Any]:  # fmt: skip
+    """The batch dict from per-slot results (aligned with ``job.gids``), applying the bad-sample policy.
 
-    ``results`` align with ``job.gids``. ``fetch_more()`` (train only) returns good
-    results from ``job.lookahead`` when the whole batch is bad.
+    Train: a bad slot takes the next good sample of the batch (cyclically); if none is
+    good, ``fetch_more()`` returns good results from ``job.lookahead``. Val: a bad or
+    padding slot is a zero video with ``valid=False`` and ``label=-1``.
     """
     skipped = [(r.gid, r.key, r.error) for r in results if r.gid >= 0 and r.error is not None]
     good = [i for i, r in enumerate(results) if r.video is not None]
@@ -182,49 +184,33 @@ def assemble(job: BatchJob, results: list[SampleResult], train: bool, fetch_more
         extra, more_skipped = fetch_more() if fetch_more is not None else ([], [])
         skipped += more_skipped
         if not extra:
+            first = f"{skipped[0][1]}: {skipped[0][2]}" if skipped else "?"
             raise RuntimeError(
-                f"epoch {job.epoch} batch {job.index}: {len(results)} samples and the next {len(job.lookahead)} "
-                f"are all unusable (first: {skipped[0][1] if skipped else '?'}: {skipped[0][2] if skipped else '?'}); "
-                "the shards look broken"
+                f"epoch {job.epoch} batch {job.index}: its {len(results)} samples and the next "
+                f"{len(job.lookahead)} are all unusable (first: {first}); the shards look broken"
             )
-        results = [extra[0]] + results[1:]
-        good = [0]
-    ref = results[good[0]].video if good else None
-    videos, labels, keys, valid = [], [], [], []
+        results, good = [extra[0]] + results[1:], [0]
+    slots = []
     for i, r in enumerate(results):
-        if r.video is not None:
-            src = r
-        elif train:  # the next good sample of the batch, cyclically
-            nxt = [j for j in good if j > i]
-            src = results[nxt[0] if nxt else good[0]]
-        else:
-            src = None
-        if src is None:
-            videos.append(torch.zeros_like(ref) if ref is not None else None)
-            labels.append(-1)
-            keys.append(r.key if r.gid >= 0 else "")
-            valid.append(False)
-        else:
-            videos.append(src.video)
-            labels.append(src.label)
-            keys.append(src.key)
-            valid.append(True)
-    return {"videos": videos, "label": labels, "key": keys, "valid": valid, "skipped": skipped}
-
-
-def stack_batch(parts: dict[str, Any], fallback_shape: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, Any]:
-    vids = parts["videos"]
-    ref = next((v for v in vids if v is not None), None)
-    if ref is None:
-        ref = torch.zeros(fallback_shape, device=device)
-    video = torch.stack([v if v is not None else torch.zeros_like(ref) for v in vids])
+        if r.video is None and train:
+            later = [j for j in good if j > i]
+            r = results[later[0] if later else good[0]]
+        slots.append(r)
+    ref = next((r.video for r in slots if r.video is not None), None)
+    zeros = torch.zeros(sample_shape, device=device) if ref is None else torch.zeros_like(ref)
     return {
-        "video": video,
-        "label": torch.tensor(parts["label"], dtype=torch.int64),
-        "key": parts["key"],
-        "valid": torch.tensor(parts["valid"], dtype=torch.bool),
-        "skipped": parts["skipped"],
+        "video": torch.stack([r.video if r.video is not None else zeros for r in slots]),
+        "label": torch.tensor([r.label if r.video is not None else -1 for r in slots], dtype=torch.int64),
+        "key": [r.key for r in slots],
+        "valid": torch.tensor([r.video is not None for r in slots], dtype=torch.bool),
+        "skipped": skipped,
     }
+
+
+def empty_shape(ctx: SampleContext, size: int) -> tuple[int, ...]:
+    """Shape of one sample's video: ``[T, 3, S, S]``, or ``[V, T, 3, S, S]`` with several views."""
+    shape = (ctx.num_frames, 3, size, size)
+    return shape if (ctx.clips, ctx.crops) == (1, 1) else (ctx.clips * ctx.crops,) + shape
 
 
 # --------------------------------------------------------------------------- loader
