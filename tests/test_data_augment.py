@@ -193,14 +193,31 @@ def test_motion_classes_are_time_reversed_pairs():
 def test_motion_direction_is_what_the_name_says():
     spec = MotionSpec(width=64, height=64, min_frames=12, max_frames=12)
 
-    def centroid(frame):
+    def stats(frame):
         fg = frame.astype(float).sum(-1) > 400  # foreground is bright (>= 150 per channel)
-        ys, xs = np.nonzero(fg)
-        return xs.mean(), ys.mean(), fg.sum()
+        ys, xs = np.nonzero(fg) if fg.any() else (np.zeros(1), np.zeros(1))  # a faded-out shape is not "bright"
+        return {"x": xs.mean(), "y": ys.mean(), "area": fg.sum(), "spread": xs.std(), "std": frame.std()}
 
     for label, (name, _, _) in enumerate(MOTION_CLASSES):
         f = motion_frames(label, np.random.default_rng(label), spec)
-        (x0, y0, a0), (x1, y1, a1) = centroid(f[0]), centroid(f[-1])
-        expect = {"moving right": x1 > x0 + 10, "moving left": x1 < x0 - 10, "moving down": y1 > y0 + 10,
-                  "moving up": y1 < y0 - 10, "growing": a1 > 2 * a0, "shrinking": a0 > 2 * a1}  # fmt: skip
-        assert expect.get(name, True), name
+        a, b = stats(f[0]), stats(f[-1])
+        expect = {
+            "moving down": b["y"] > a["y"] + 10, "moving up": b["y"] < a["y"] - 10,
+            "growing": b["area"] > 2 * a["area"], "shrinking": a["area"] > 2 * b["area"],
+            "fading in": b["std"] > a["std"] + 5, "fading out": a["std"] > b["std"] + 5,
+            "coming together": b["spread"] < a["spread"] - 5, "moving apart": b["spread"] > a["spread"] + 5,
+            "moving right": b["x"] > a["x"] + 10, "moving left": b["x"] < a["x"] - 10,
+        }  # fmt: skip
+        assert expect.get(name, True), (name, a, b)
+
+
+def test_default_classes_survive_a_horizontal_flip():
+    """A flipped clip of a default class still shows its class; right/left swap."""
+    spec = MotionSpec(width=64, height=48, min_frames=10, max_frames=10)
+    together = motion_frames(6, np.random.default_rng(0), spec)
+    flipped = together[:, :, ::-1]
+    xs = [np.nonzero(f.astype(float).sum(-1) > 400)[1] for f in flipped]
+    assert xs[-1].std() < xs[0].std() - 5  # still coming together
+    right = motion_frames(8, np.random.default_rng(0), spec)[:, :, ::-1]
+    xs = [np.nonzero(f.astype(float).sum(-1) > 400)[1].mean() for f in right]
+    assert xs[-1] < xs[0] - 10  # a flipped "moving right" moves left

@@ -207,7 +207,7 @@ def test_synthetic_demo_path_through_make_shards(tmp_path):
                             "--split", split, "--codec", "vp9", "--short-side", "24", "--no-progress"]) == 0  # fmt: skip
     m = json.loads((tmp_path / "sh/manifest.json").read_text())
     assert m["splits"]["train"]["num_samples"] == 8 and m["splits"]["val"]["num_samples"] == 4
-    assert m["classes"][:2] == ["moving right", "moving left"] and not m["rejected"]
+    assert m["classes"] == ["moving down", "moving up", "growing", "shrinking"] and not m["rejected"]
     _, meta = ShardSet(*resolve_shards(str(tmp_path / "sh"), "val")).load(0)
     assert meta["codec"] == "vp9" and meta["height"] == 24
 

@@ -6,9 +6,11 @@
     python tools/make_shards.py data/synthetic/val.txt --labels data/synthetic/labels.csv \\
         --out shards/demo --split val --short-side 64
 
-Classes come in time-reversed pairs (moving right/left, down/up, rotating clockwise /
-counter-clockwise, growing/shrinking) with identical distributions of single frames,
-so only temporal modelling separates a pair (see ``claver_dist.data.synthetic``).
+Classes come in time-reversed pairs (moving down/up, growing/shrinking, fading in/out,
+coming together / moving apart; with ``--classes`` above 8 also moving right/left and
+rotating clockwise / counter-clockwise, which need ``data.flip_prob=0``) with identical
+distributions of single frames, so only temporal modelling separates a pair (see
+``claver_dist.data.synthetic``).
 Writes ``OUT/videos/<class>/*.mp4``, ``OUT/train.txt`` and ``OUT/val.txt`` (``path
 label`` lines, the format make_shards reads) and ``OUT/labels.csv`` (``id,name``).
 Deterministic given ``--seed``.
@@ -20,7 +22,7 @@ import argparse
 import os
 import sys
 
-from claver_dist.data.synthetic import MOTION_CLASSES, MotionSpec, write_motion_dataset
+from claver_dist.data.synthetic import FLIP_SAFE_CLASSES, MOTION_CLASSES, MotionSpec, write_motion_dataset
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -47,7 +49,9 @@ def _frames(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder")
-    p.add_argument("--classes", type=int, default=8, help=f"number of classes, 2..{len(MOTION_CLASSES)} (default 8)")
+    p.add_argument("--classes", type=int, default=FLIP_SAFE_CLASSES,
+                   help=f"number of classes, 2..{len(MOTION_CLASSES)} (default {FLIP_SAFE_CLASSES}; above that, "
+                   "classes swap under a horizontal flip)")  # fmt: skip
     p.add_argument("--per-class", type=int, default=32, help="training videos per class (default 32)")
     p.add_argument("--val-per-class", type=int, default=8, help="validation videos per class (default 8)")
     p.add_argument("--size", type=_size, default=(128, 96), help="WIDTHxHEIGHT (default 128x96)")

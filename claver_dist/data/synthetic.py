@@ -1,11 +1,16 @@
 """Synthetic videos: motion-defined action classes for the demo, frame-numbered clips for tests.
 
-Motion classes come in pairs that differ only in the direction of time: "moving
-right" is a "moving left" clip played backwards, with the same distribution of shapes,
-colours and positions. Every single frame, and the average of all frames, therefore
+Motion classes come in pairs that differ only in the direction of time: "moving up" is
+a "moving down" clip played backwards, with the same distribution of shapes, colours,
+textures and positions. Every single frame, and the average of all frames, therefore
 has the same distribution in both classes of a pair: a model that pools frames without
 temporal modelling cannot beat chance inside a pair (at most 50% over 8 classes), while a
 temporal model can learn all of them from 8 frames at 64 px.
+
+The default 8 classes (down/up, growing/shrinking, fading in/out, coming together /
+moving apart) are unchanged by a horizontal flip, so the reference augmentation keeps
+their labels true. Classes 9-12 (right/left, clockwise/counter-clockwise) swap under a
+flip: train on them only with ``data.flip_prob=0``.
 
     write_motion_dataset("data/synthetic", num_classes=8, per_class=32, val_per_class=8)
     # -> videos/*.mp4, train.txt / val.txt ("relative/path.mp4 label"), labels.csv
@@ -26,17 +31,26 @@ from pathlib import Path
 import av
 import numpy as np
 
-# (name, pair index, reversed): each pair shares one trajectory generator.
+# (name, motion kind, reversed): the two classes of a pair share one trajectory generator
+# and differ only in the direction of time. The first 8 classes are unchanged by a
+# horizontal flip, so the reference augmentation (flip p=0.5) keeps their labels true;
+# the last 4 are mirror images of each other (a flipped "moving right" clip is a "moving
+# left" clip): use them only with data.flip_prob=0.
 MOTION_CLASSES = [
-    ("moving right", "translate_x", False),
-    ("moving left", "translate_x", True),
     ("moving down", "translate_y", False),
     ("moving up", "translate_y", True),
-    ("rotating clockwise", "rotate", False),
-    ("rotating counter-clockwise", "rotate", True),
     ("growing", "scale", False),
     ("shrinking", "scale", True),
+    ("fading in", "fade", False),
+    ("fading out", "fade", True),
+    ("coming together", "converge", False),
+    ("moving apart", "converge", True),
+    ("moving right", "translate_x", False),
+    ("moving left", "translate_x", True),
+    ("rotating clockwise", "rotate", False),
+    ("rotating counter-clockwise", "rotate", True),
 ]
+FLIP_SAFE_CLASSES = 8
 
 FRAME_NUMBER_BITS = 8
 
@@ -149,35 +163,44 @@ def motion_frames(label: int, rng: np.random.Generator, spec: MotionSpec = Motio
     angle0 = rng.uniform(0, 2 * math.pi)
     cx0, cy0 = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
     s = np.linspace(0.0, 1.0, t)
+    # per frame: list of (cx, cy, radius, angle) shapes, and the foreground opacity
+    cx, cy, rad, ang = np.full(t, cx0), np.full(t, cy0), np.full(t, r), np.full(t, angle0)
+    alpha = np.ones(t)
+    offsets = [0.0]  # horizontal offsets of the shape copies from cx
     if kind == "translate_x":
         span = rng.uniform(0.35, 0.5) * w
         cx = cx0 - span / 2 + span * s
-        cy = np.full(t, cy0)
-        ang, rad = np.full(t, angle0), np.full(t, r)
     elif kind == "translate_y":
         span = rng.uniform(0.35, 0.5) * h
         cy = cy0 - span / 2 + span * s
-        cx = np.full(t, cx0)
-        ang, rad = np.full(t, angle0), np.full(t, r)
     elif kind == "rotate":
         total = rng.uniform(0.6, 1.0) * math.pi
         ang = angle0 + total * s  # image y points down: increasing angle turns clockwise on screen
         cx, cy, rad = np.full(t, w / 2.0), np.full(t, h / 2.0), np.full(t, size * 0.3)
-    else:  # scale
-        r0 = size * rng.uniform(0.08, 0.12)
-        r1 = size * rng.uniform(0.3, 0.38)
+    elif kind == "scale":
+        r0, r1 = size * rng.uniform(0.08, 0.12), size * rng.uniform(0.3, 0.38)
         rad = r0 + (r1 - r0) * s
-        cx, cy, ang = np.full(t, cx0), np.full(t, cy0), np.full(t, angle0)
+    elif kind == "fade":
+        alpha = rng.uniform(0.0, 0.15) + rng.uniform(0.75, 0.85) * s
+    else:  # converge: two copies, mirror-symmetric about cx, from far apart to nearly touching
+        rad = np.full(t, size * rng.uniform(0.1, 0.14))
+        far, near = w * rng.uniform(0.3, 0.38), rad[0] * 1.2
+        d = far + (near - far) * s
+        offsets = [-1.0, 1.0]
+        cx = np.full(t, w / 2 + rng.uniform(-0.03, 0.03) * w)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     frames = np.empty((t, h, w, 3), np.uint8)
     for i in range(t):
-        pts = _shape_points(shape, cx[i], cy[i], rad[i], ang[i])
-        if pts is None:
-            mask = (xx - cx[i]) ** 2 + (yy - cy[i]) ** 2 <= rad[i] ** 2
-        else:
-            mask = _polygon_mask(xx, yy, pts)
+        mask = np.zeros((h, w), bool)
+        for o in offsets:
+            x = cx[i] + (o * d[i] if kind == "converge" else 0.0)
+            pts = _shape_points(shape, x, cy[i], rad[i], ang[i] if o <= 0 else math.pi - ang[i])
+            if pts is None:
+                mask |= (xx - x) ** 2 + (yy - cy[i]) ** 2 <= rad[i] ** 2
+            else:
+                mask |= _polygon_mask(xx, yy, pts)
         img = background.copy()
-        img[mask] = fg
+        img[mask] = background[mask] + alpha[i] * (fg - background[mask])
         frames[i] = img.astype(np.uint8)
     return frames[::-1].copy() if reverse else frames
 
@@ -191,7 +214,7 @@ def _write_one(args: tuple) -> str:
 
 def write_motion_dataset(
     out: str | Path,
-    num_classes: int = 8,
+    num_classes: int = FLIP_SAFE_CLASSES,
     per_class: int = 32,
     val_per_class: int = 8,
     spec: MotionSpec = MotionSpec(),
