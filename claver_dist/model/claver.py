@@ -57,13 +57,13 @@ class Claver(nn.Module):
     def __init__(self, clip: nn.Module, num_frames: int, temporal: TemporalKind = "kmt",
                  temporal_layers: int | None = None, attention: AttentionImpl = "auto",
                  drop_path: float = 0.0, grad_checkpointing: str = "none", checkpoint_every: int = 1,
-                 init_logit_scale: float = math.log(1 / 0.07)):
+                 init_logit_scale: float = math.log(1 / 0.07), temporal_embedding_std: float = 0.02):
         super().__init__()
         visual = clip.visual
         if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "class_embedding"):
             raise ValueError("CLAVER needs a CLIP ViT with a class token (no attention pooling)")
-        scale = getattr(clip, "logit_scale", None)
-        init = scale.detach().reshape(1).clone() if scale is not None else torch.tensor([init_logit_scale])
+        # a pretrained checkpoint's own scale replaces this when loaded (load_pretrained)
+        init = torch.tensor([init_logit_scale])
         if hasattr(clip, "logit_scale"):
             del clip.logit_scale
         if getattr(clip, "logit_bias", None) is not None:
@@ -76,6 +76,7 @@ class Claver(nn.Module):
         if grad_checkpointing == "all" and hasattr(clip, "transformer"):
             clip.transformer.grad_checkpointing = True  # the text tower
         self.checkpoint_every = checkpoint_every
+        self.temporal_embedding_std = temporal_embedding_std
 
         width = visual.class_embedding.shape[-1]
         n_layers = len(visual.transformer.resblocks)
@@ -95,7 +96,8 @@ class Claver(nn.Module):
     def init_temporal_parameters(self) -> None:
         """Random init of the new (non-CLIP) parameters: trunc-normal(0.02) weights, zero biases."""
         if self.temporal_embedding is not None:
-            nn.init.trunc_normal_(self.temporal_embedding, std=0.02)
+            std = self.temporal_embedding_std
+            nn.init.trunc_normal_(self.temporal_embedding, std=std)
         for m in self.temporal_blocks.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

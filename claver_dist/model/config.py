@@ -31,6 +31,9 @@ class ModelConfig:
     train_text: bool = True
     # initial logit scale (CLIP's log(1/0.07)); only used for random init.
     init_logit_scale: float = 4.6052
+    # init std of the temporal embedding: 0.02 in the method (on pretrained CLIP). Randomly
+    # initialised towers (the demo) need a larger one: see docs/model.md.
+    temporal_embedding_std: float = 0.02
 
     def validate(self) -> None:
         from claver_dist.config import ConfigError

@@ -44,7 +44,8 @@ def build_model(cfg: ModelConfig, num_frames: int, image_size: int | None = None
     clip = open_clip.create_model(cfg.clip_model, pretrained=None, force_image_size=image_size)
     model = Claver(clip, num_frames=num_frames, temporal=cfg.temporal, temporal_layers=cfg.temporal_layers,
                    attention=cfg.attention, drop_path=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing,
-                   checkpoint_every=cfg.checkpoint_every, init_logit_scale=cfg.init_logit_scale)
+                   checkpoint_every=cfg.checkpoint_every, init_logit_scale=cfg.init_logit_scale,
+                   temporal_embedding_std=cfg.temporal_embedding_std)
     if not cfg.pretrained:
         return model, [n for n, _ in model.named_parameters()]
     fresh = load_pretrained(model, pretrained_state_dict(cfg.clip_model, cfg.pretrained, image_size))
