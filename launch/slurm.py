@@ -193,6 +193,16 @@ class TrainTask:
 
     def __call__(self) -> str:
         self._prepare_process()
+        try:
+            return self._run()
+        finally:
+            # the outcome is decided: from now on the requeue signal means nothing. Ignored,
+            # it stays ignored while the interpreter shuts down (Python then puts back the
+            # default action of the signals it handled, and USR2's kills the process: a
+            # finished job was reported FAILED when its time-limit warning came that late)
+            signal.signal(getattr(signal, "SIG" + REQUEUE_SIGNAL), signal.SIG_IGN)
+
+    def _run(self) -> str:
         import torch
 
         from claver_dist.config import load_config
@@ -249,13 +259,14 @@ class TrainTask:
 
     def _requeue(self, run_dir: Path, restarts: int, step: int) -> bool:
         job_id = os.environ["SLURM_JOB_ID"]
-        record = {"job_id": job_id, "restart_count": restarts, "step": step, "time": time.time()}
-        with open(run_dir / "slurm" / "requeues.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
             log.error("scontrol requeue %s failed (%d): %s", job_id, res.returncode, res.stderr.strip())
             return False
+        record = {"job_id": job_id, "restart_count": restarts, "step": step, "time": time.time()}
+        (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "slurm" / "requeues.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
         log.info("checkpoint at step %d saved; job %s requeued (requeue %d of at most %d)",
                  step, job_id, restarts + 1, self.max_requeues)
         return True
