@@ -298,6 +298,9 @@ def test_corrupt_samples_are_skipped_counted_and_named(data, backend, codec, tmp
         for b in batches:
             assert b["valid"].all() and b["video"].shape == (2, 8, 3, 32, 32) and (b["label"] >= 0).all()
             assert damaged not in b["key"] and planted not in b["key"]
+    # batch size 1: a bad sample is a whole bad batch, refilled from further along the rank's order
+    single = _epoch(build_loader(_cfg(tmp_path / "bad", backend, batch_size=1), "train", seed=1))
+    assert len(single) == 13 and not {damaged, planted} & {k for b in single for k in b["key"]}
     val = build_loader(cfg, "val")
     seen = {k: bool(ok) for b in val for k, ok in zip(b["key"], b["valid"]) if k}
     assert seen.pop(damaged) is False and seen.pop(planted) is False and all(seen.values()) and len(seen) == 11

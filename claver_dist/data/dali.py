@@ -198,24 +198,27 @@ class DaliBackend:
         return fed
 
     def _run_isolated(self, fed: _Fed) -> None:
-        """Run one batch in a fresh pipeline; if it fails, find its bad samples one by one."""
+        """Run one batch in its own fresh pipeline; if it fails, find its bad samples one by one.
+
+        Never the main pipeline: it may have the next batch in flight.
+        """
         samples = [p for _, p in fed.prepared]
         try:
-            pipe = self._pipeline()
+            pipe = self._build()
             self._feed(pipe, samples)
             pipe.schedule_run()
             self._fill(fed, self._views(self._to_torch(pipe.outputs())))
             return
         except Exception:  # noqa: BLE001 - any DALI failure means "find the bad sample"
-            self._reset()
+            self.rebuilds += 1
         for slot, p in fed.prepared:
             try:
-                pipe = self._pipeline()
+                pipe = self._build()
                 self._feed(pipe, [p])
                 pipe.schedule_run()
                 fed.slots[slot].video = self._views(self._to_torch(pipe.outputs()))[0]
             except Exception as e:  # noqa: BLE001
-                self._reset()
+                self.rebuilds += 1
                 msg = str(e).strip().splitlines()
                 detail = next((m for m in msg if "rror" in m and "Critical" not in m), msg[0] if msg else "")
                 fed.slots[slot].error = f"DALI decode failed: {detail.strip()[:200]}"
