@@ -11,10 +11,10 @@ PIP    := $(PY) -m pip
 SYS_PKGS := ffmpeg g++ make
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down clean
+.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down bench clean
 
 demo: sysdeps venv
-	$(PY) -m claver_dist.demo
+	OMP_NUM_THREADS=1 $(PY) -m tools.demo
 
 test: sysdeps venv test-deps
 	$(PY) -m pytest -q tests
@@ -48,5 +48,10 @@ llm: .cache/llm/.installed
 	bash scripts/install_llm.sh .cache/llm
 	touch $@
 
+# Throughput tables (docs/benchmarks.md): data loading and training steps.
+bench: sysdeps venv
+	$(PY) tools/bench_data.py
+	$(PY) tools/bench_train.py
+
 clean:
-	rm -rf runs/demo shards/demo prompts/demo.json
+	rm -rf runs/demo_kmt runs/demo_mean shards/demo .cache/demo

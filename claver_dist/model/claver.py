@@ -169,7 +169,8 @@ class Claver(nn.Module):
         if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
             return clip.encode_text(tokens, normalize=True)
         eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-        n = int(eot.max()) + 1
+        # meta tensors (FLOP counting) have no values: there the caller trims
+        n = tokens.shape[1] if tokens.is_meta else int(eot.max()) + 1
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
         mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
