@@ -4,7 +4,7 @@
 #   sudo scripts/slurm_cluster.sh up       # idempotent: does nothing when the cluster already answers
 #   sudo scripts/slurm_cluster.sh status   # exit 0 when up (scontrol ping + all nodes usable)
 #   sudo scripts/slurm_cluster.sh logs     # tail of every daemon log (what tests print on failure)
-#   sudo scripts/slurm_cluster.sh down     # stop what `up` started (by PID file) and wipe SLURM state
+#   sudo scripts/slurm_cluster.sh down     # stop what `up` started (by PID file), wipe SLURM state + accounting
 #
 # Debian's Slurm packages (22.05 on bookworm) + munge, and, for accounting, slurmdbd + MariaDB:
 # without accounting `sacct` fails, and then submitit cannot tell that a job died without a
@@ -34,7 +34,7 @@ healthy() {  # controller answers, accounting answers (if on), and all NODES nod
   command -v scontrol >/dev/null || return 1
   timeout 10 scontrol ping 2>/dev/null | grep -q UP || return 1
   if [ "$WITH_DBD" = 1 ]; then timeout 10 sacct -n -X -S now >/dev/null 2>&1 || return 1; fi
-  local n; n=$(timeout 10 sinfo -h -p debug -t idle,mixed,allocated,completing -o %D 2>/dev/null | paste -sd+ | bc 2>/dev/null)
+  local n; n=$(timeout 10 sinfo -h -p debug -t idle,mixed,allocated,completing -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}')
   [ "${n:-0}" -ge "$NODES" ]
 }
 
@@ -55,6 +55,9 @@ cmd_down() {
   for f in /run/slurmd-*.pid; do stop_pidfile "$f"; done
   stop_pidfile /run/slurmctld.pid
   stop_pidfile /run/slurmdbd.pid
+  # job ids start again at 1 with the wiped controller state: old accounting records
+  # would then answer for new jobs of the same id
+  command -v mariadb >/dev/null && mariadb -e "DROP DATABASE IF EXISTS slurm_acct_db" 2>/dev/null
   stop_pidfile /run/mysqld/mysqld.pid
   stop_pidfile /run/munge/munged.pid
   rm -f /run/slurmd-*.pid /run/slurmctld.pid /run/slurmdbd.pid
@@ -179,7 +182,7 @@ cmd_up() {
   done
 
   # 1. packages (no systemd / policy-rc.d: postinst cannot start services; we start them below)
-  local PKGS="slurmctld slurmd slurm-client munge bc"
+  local PKGS="slurmctld slurmd slurm-client munge"
   [ "$WITH_DBD" = 1 ] && PKGS="$PKGS slurmdbd mariadb-server"
   if ! dpkg -s $PKGS >/dev/null 2>&1; then
     apt-get update -qq

@@ -104,6 +104,7 @@ def submit(data: Path, run_dir: Path, steps: int, *launcher_args: str, extra: tu
     assert rc == 0
     m = re.search(r"submitted job (\d+)", out.getvalue())
     assert m, out.getvalue()
+    SUBMITTED[m.group(1)] = time.time() - 2
     assert f"{run_dir}/slurm/{m.group(1)}/{m.group(1)}_0_log.out" in out.getvalue()
     return m.group(1)
 
@@ -161,9 +162,14 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = 180)
     raise AssertionError(f"job {job_id}: step {step} not reached in {timeout_s}s")
 
 
+SUBMITTED: dict[str, float] = {}  # job id -> time of submission
+
+
 def attempts(job_id: str) -> list[str]:
-    """The states of every run of a job, oldest first (accounting keeps each requeued attempt)."""
-    return sh("sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State").split()
+    """The states of every run of a job, oldest first (accounting keeps each requeued attempt;
+    records older than the submission belong to an earlier cluster that reused the id)."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(SUBMITTED[job_id]))
+    return sh("sacct", "-n", "-X", "-P", "-D", "-S", since, "-j", job_id, "-o", "State").split()
 
 
 def results(run_dir: Path, job_id: str, tasks: int = 2) -> list[str]:
