@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 # Services the tests talk to for real: a llama.cpp OpenAI-compatible server (own venv,
 # built from source once) and, as root, a two-node SLURM cluster with accounting.
-test-deps: llm
+test-deps: llm slurm-up
 
 llm: .cache/llm/.installed
 
@@ -52,6 +52,15 @@ llm: .cache/llm/.installed
 bench: sysdeps venv
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_train.py
+
+# A real two-node SLURM cluster with accounting on this machine (needs root; the slurm
+# tests skip, printing why, where it cannot start).
+slurm-up:
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/slurm_cluster.sh up || echo "SLURM test cluster did not start: tests marked slurm will skip"; \
+	else echo "not root: no local SLURM cluster; tests marked slurm will skip"; fi
+
+slurm-down:
+	bash scripts/slurm_cluster.sh down
 
 clean:
 	rm -rf runs/demo_kmt runs/demo_mean shards/demo .cache/demo

@@ -26,20 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """4 motion classes x 12 train / 4 val videos, sharded by the real shard builder."""
-    from claver_dist.data.synthetic import MotionSpec, write_motion_dataset
-    from tools.make_shards import main as make_shards
-
-    root = tmp_path_factory.mktemp("data")
-    paths = write_motion_dataset(root / "videos", num_classes=4, per_class=12, val_per_class=4,
-                                 spec=MotionSpec(width=80, height=64, min_frames=16, max_frames=20), seed=0)
-    for split in ("train", "val"):
-        rc = make_shards([str(paths[split]), "--labels", str(paths["labels"]), "--out", str(root / "shards"),
-                          "--split", split, "--short-side", "64", "--workers", "1", "--no-progress"])
-        assert rc == 0
-    (root / "shards" / "labels.csv").write_text(paths["labels"].read_text())
-    return root / "shards"
+def demo_data(motion_shards) -> Path:
+    return motion_shards
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -72,20 +60,32 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def test_two_processes_match_one_with_accumulation(demo_data, tmp_path):
-    """Same global batch (2 x 4 vs 1 x 4 x accum 2), same samples per step: same losses."""
-    common = ("train.max_steps=12", "optim.warmup_epochs=0", "optim.lr=2e-3")
+LEARNABLE = ("model.init_logit_scale=2.3", "optim.lr=5e-4", "optim.warmup_epochs=0")
+
+
+@pytest.mark.parametrize("precision,steps,rtol", [("fp32", 8, 1e-4), ("bf16", 4, 0.03)])
+def test_two_processes_match_one_with_accumulation(demo_data, tmp_path, precision, steps, rtol):
+    """Same global batch (2 x 4 vs 1 x 4 x accum 2), same clips per step: same losses.
+
+    fp32: equal up to reduction order. bf16: gradients are reduced across ranks in bf16
+    but accumulated in fp32 within a rank, so the runs drift apart step by step; the
+    documented tolerance (docs/training.md) is 3% relative over the first 4 steps."""
+    common = (f"train.max_steps={steps}", f"train.precision={precision}", *LEARNABLE)
     launch(2, demo_data, tmp_path / "p2", *common)
     launch(1, demo_data, tmp_path / "p1", *common, "train.grad_accum=2")
     two, one = losses(tmp_path / "p2"), losses(tmp_path / "p1")
-    assert sorted(two) == sorted(one) == list(range(1, 13))
+    assert sorted(two) == sorted(one) == list(range(1, steps + 1))
     for s in two:
-        # bf16 weights and activations: documented tolerance (docs/training.md)
-        assert abs(two[s] - one[s]) <= 0.02 * abs(one[s]) + 1e-3, (s, two[s], one[s])
-    first, last = sum(two[s] for s in (1, 2, 3)) / 3, sum(two[s] for s in (10, 11, 12)) / 3
-    assert last < first - 0.05, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+        assert abs(two[s] - one[s]) <= rtol * abs(one[s]), (s, two[s], one[s])
     assert (tmp_path / "p2/export/model.safetensors").is_file()
     assert (tmp_path / "p2/config.yaml").is_file()
+
+
+def test_two_process_loss_decreases(demo_data, tmp_path):
+    launch(2, demo_data, tmp_path / "run", "train.max_steps=24", "train.precision=fp32", *LEARNABLE)
+    run = losses(tmp_path / "run")
+    first, last = sum(run[s] for s in (1, 2, 3, 4)) / 4, sum(run[s] for s in (21, 22, 23, 24)) / 4
+    assert last < first - 0.1, f"loss did not decrease: {first:.3f} -> {last:.3f}"
 
 
 def kill_tree(proc) -> None:

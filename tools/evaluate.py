@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides of CONFIG (data.*, text.*, eval.*)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come after the options
 
 
 def write_reports(out: Path, result: dict, class_names: list[str]) -> None:

@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic motion shards built by the real shard builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def build_motion_shards(root: Path, classes: list[int] | None = None, num_classes: int = 4,
+                        per_class: int = 12, val_per_class: int = 4) -> Path:
+    """Synthetic motion videos -> ``root/shards`` (train + val) + ``labels.csv`` there.
+
+    ``classes`` picks motion classes by index (default: the first ``num_classes``)."""
+    from claver_dist.data.synthetic import MOTION_CLASSES, MotionSpec, write_motion_dataset
+    from tools.make_shards import main as make_shards
+
+    paths = write_motion_dataset(root / "videos", num_classes=max(classes or [num_classes - 1]) + 1,
+                                 per_class=per_class, val_per_class=val_per_class,
+                                 spec=MotionSpec(width=80, height=64, min_frames=16, max_frames=20), seed=0)
+    shards = root / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    if classes is not None:  # keep the chosen classes, renumbered 0..k-1
+        remap = {c: i for i, c in enumerate(classes)}
+        for split in ("train", "val"):
+            lines = [line.rsplit(" ", 1) for line in paths[split].read_text().splitlines() if line]
+            paths[split].write_text("".join(f"{p} {remap[int(c)]}\n" for p, c in lines if int(c) in remap))
+        paths["labels"].write_text("id,name\n" + "".join(f"{i},{MOTION_CLASSES[c][0]}\n" for i, c in enumerate(classes)))
+    for split in ("train", "val"):
+        rc = make_shards([str(paths[split]), "--labels", str(paths["labels"]), "--out", str(shards),
+                          "--split", split, "--short-side", "64", "--workers", "1", "--no-progress"])
+        assert rc == 0
+    (shards / "labels.csv").write_text(paths["labels"].read_text())
+    return shards
+
+
+@pytest.fixture(scope="session")
+def motion_shards(tmp_path_factory) -> Path:
+    """4 motion classes x 12 train / 4 val videos."""
+    return build_motion_shards(tmp_path_factory.mktemp("motion"))
