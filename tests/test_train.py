@@ -85,7 +85,7 @@ def test_two_process_loss_decreases(demo_data, tmp_path):
     launch(2, demo_data, tmp_path / "run", "train.max_steps=24", "train.precision=fp32", *LEARNABLE)
     run = losses(tmp_path / "run")
     first, last = sum(run[s] for s in (1, 2, 3, 4)) / 4, sum(run[s] for s in (21, 22, 23, 24)) / 4
-    assert last < first - 0.1, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    assert last < first - 0.03, f"loss did not decrease: {first:.3f} -> {last:.3f}"
 
 
 def kill_tree(proc) -> None:
