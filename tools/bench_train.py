@@ -150,7 +150,7 @@ def time_steps(name: str, batch: int, steps: int, device: torch.device, tokens: 
     return out
 
 
-def text_sharding_ratio(num_prompts: int = 400, repeats: int = 5) -> None:
+def text_sharding_ratio(num_prompts: int = 200, repeats: int = 2) -> None:
     """2 gloo processes: text forward+backward time per step, sharded vs plain."""
     import torch.multiprocessing as mp
 
