@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from claver_dist.config import load_config, save_config
 from claver_dist.eval.evaluate import class_text_features, evaluate

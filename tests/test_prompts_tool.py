@@ -15,7 +15,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import os
 import signal
 import socket
 import subprocess

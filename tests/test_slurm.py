@@ -69,19 +69,9 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """4 motion classes x 12 train / 4 val videos, sharded by the real shard builder."""
-    from claver_dist.data.synthetic import MotionSpec, write_motion_dataset
-    from tools.make_shards import main as make_shards
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    paths = write_motion_dataset(root / "videos", num_classes=4, per_class=12, val_per_class=4,
-                                 spec=MotionSpec(width=80, height=64, min_frames=16, max_frames=20), seed=0)
-    for split in ("train", "val"):
-        assert make_shards([str(paths[split]), "--labels", str(paths["labels"]), "--out", str(root / "shards"),
-                            "--split", split, "--short-side", "64", "--workers", "1", "--no-progress"]) == 0
-    (root / "shards" / "labels.csv").write_text(paths["labels"].read_text())
-    return root / "shards"
+def shards(motion_shards) -> Path:
+    """4 motion classes x 12 train / 4 val videos (tests/conftest.py)."""
+    return motion_shards
 
 
 # --------------------------------------------------------------------------- helpers

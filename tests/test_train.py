@@ -5,9 +5,7 @@ Multi-process runs go through the real launcher (torchrun); kills are real SIGKI
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time

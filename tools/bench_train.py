@@ -16,7 +16,6 @@ GPU). Results for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -159,7 +158,7 @@ def text_sharding_ratio(num_prompts: int = 200, repeats: int = 2) -> None:
     out = mp.Manager().dict()
     mp.spawn(_shard_worker, args=(2, free_port(), num_prompts, repeats, out), nprocs=2, join=True)
     print(f"\ntext tower, {num_prompts} prompts per step, 2 CPU processes (ViT-B-16 text tower, fwd+bwd):")
-    print(f"| path | s/step | ratio |\n|---|---|---|")
+    print("| path | s/step | ratio |\n|---|---|---|")
     print(f"| plain (every rank encodes all) | {out['plain']:.3f} | 1.00 |")
     print(f"| sharded (all-gather with autograd) | {out['sharded']:.3f} | {out['sharded'] / out['plain']:.2f} |")
 

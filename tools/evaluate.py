@@ -26,7 +26,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 
 log = logging.getLogger("claver_dist.evaluate")
 
