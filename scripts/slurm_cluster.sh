@@ -49,7 +49,7 @@ cmd_down() {
   # cancel all jobs first so that the slurmds can clean up their slurmstepds
   if command -v scancel >/dev/null && timeout 10 scontrol ping 2>/dev/null | grep -q UP; then
     ids=$(squeue -h -o %i 2>/dev/null || true)
-    [ -n "$ids" ] && scancel --full $ids 2>/dev/null
+    [ -n "$ids" ] && { scancel --full $ids 2>/dev/null || true; }
     for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
   fi
   for f in /run/slurmd-*.pid; do stop_pidfile "$f"; done
@@ -57,7 +57,8 @@ cmd_down() {
   stop_pidfile /run/slurmdbd.pid
   # job ids start again at 1 with the wiped controller state: old accounting records
   # would then answer for new jobs of the same id
-  command -v mariadb >/dev/null && mariadb -e "DROP DATABASE IF EXISTS slurm_acct_db" 2>/dev/null
+  # (|| true: after a crash the database server may be gone already, and `down` must go on)
+  command -v mariadb >/dev/null && { mariadb -e "DROP DATABASE IF EXISTS slurm_acct_db" 2>/dev/null || true; }
   stop_pidfile /run/mysqld/mysqld.pid
   stop_pidfile /run/munge/munged.pid
   rm -f /run/slurmd-*.pid /run/slurmctld.pid /run/slurmdbd.pid
