@@ -77,22 +77,28 @@ def _open(src: str | Path | bytes) -> av.container.InputContainer:
     return av.open(str(src))
 
 
-def probe(src: str | Path | bytes, threads: int = 0) -> VideoInfo:
-    """Decode every frame of the first video stream; raise VideoError if that fails.
-
-    A truncated file whose header survived decodes fewer frames than the container
-    declares: that is reported as truncation rather than accepted as a short video.
-    """
+def _open_stream(src: str | Path | bytes):
+    """(container, first video stream); VideoError naming why a file is no usable video."""
     try:
         container = _open(src)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"cannot open: {_reason(e)}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoError("no video stream")
+    return container, container.streams.video[0]
+
+
+def probe(src: str | Path | bytes, threads: int = 0) -> VideoInfo:
+    """Decode every frame of the first video stream; raise VideoError if that fails.
+
+    A truncated file whose header survived decodes fewer frames than the container
+    declares: that is reported as truncation rather than accepted as a short video.
+    """
+    container, stream = _open_stream(src)
     with container:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO" if threads != 1 else "SLICE"
         if threads:
             stream.codec_context.thread_count = threads
@@ -135,16 +141,8 @@ def decode_frames(
     """
     wanted = sorted(set(indices))
     got: dict[int, np.ndarray] = {}
-    try:
-        container = _open(data)
-    except VideoError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"cannot open: {_reason(e)}") from e
+    container, stream = _open_stream(data)
     with container:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
         stream.codec_context.thread_count = 1  # parallelism comes from loader workers
         try:
             if cfr and keyint > 0 and stream.average_rate:
