@@ -3,10 +3,12 @@
     python -m tools.demo                 # everything below, resumable
     python -m tools.demo --nproc 1       # one training process instead of two
 
-1. writes the synthetic motion dataset (classes defined by the direction of motion) and
-   packs it with the real shard builder into ``shards/demo``;
+1. writes the synthetic size-order dataset (8 classes: a shape growing, shrinking, growing
+   then shrinking, growing twice, ...; every class is the same set of frames in another
+   order, so only the order tells them apart: ``claver_dist.data.synthetic.SIZE_CLASSES``)
+   and packs it with the real shard builder into ``shards/demo``;
 2. uses the demo prompt bank ``prompts/demo_motion.json`` (interpretive prompts for the
-   motion classes, same format as the benchmark banks);
+   synthetic classes, same format as the benchmark banks);
 3. trains the debug-size CLAVER (KMT) on CPU with DeepSpeed, 2 processes by default;
 4. trains the same model with the temporal blocks removed (mean of frame features);
 5. evaluates both on the validation split and prints top-1 and the run folders.
@@ -49,7 +51,8 @@ def build_data(args: argparse.Namespace) -> Path:
     if not (data / "labels.csv").is_file():
         print(f"[demo] writing synthetic motion videos to {data}")
         write_motion_dataset(data, per_class=args.per_class, val_per_class=args.val_per_class,
-                             spec=MotionSpec(), seed=0, workers=os.cpu_count() or 1, progress=True)
+                             spec=MotionSpec(), seed=0, workers=os.cpu_count() or 1, progress=True,
+                             family="size")
     for split in ("train", "val"):
         rc = make_shards([str(data / f"{split}.txt"), "--labels", str(data / "labels.csv"), "--out", str(shards),
                           "--split", split, "--short-side", "64", "--seed", "0"])

@@ -1,6 +1,7 @@
-"""Write the synthetic motion dataset: short videos whose class is a direction of motion.
+"""Write a synthetic action dataset: short videos whose class only shows over time.
 
     python tools/make_synthetic.py data/synthetic --classes 8 --per-class 32 --val-per-class 8
+    python tools/make_synthetic.py data/sizes --family size     # the demo's classes
     python tools/make_shards.py data/synthetic/train.txt --labels data/synthetic/labels.csv \\
         --out shards/demo --split train --short-side 64
     python tools/make_shards.py data/synthetic/val.txt --labels data/synthetic/labels.csv \\
@@ -9,8 +10,10 @@
 Classes come in time-reversed pairs (moving down/up, growing/shrinking, fading in/out,
 coming together / moving apart; with ``--classes`` above 8 also moving right/left and
 rotating clockwise / counter-clockwise, which need ``data.flip_prob=0``) with identical
-distributions of single frames, so only temporal modelling separates a pair (see
-``claver_dist.data.synthetic``).
+distributions of single frames, so only temporal modelling separates a pair. ``--family
+size``: 8 classes that are orders of one set of frames (a shape growing, shrinking,
+growing then shrinking, growing twice, ...), so a frame-pooling model is at chance over
+all 8 (the demo's; see ``claver_dist.data.synthetic``).
 Writes ``OUT/videos/<class>/*.mp4``, ``OUT/train.txt`` and ``OUT/val.txt`` (``path
 label`` lines, the format make_shards reads) and ``OUT/labels.csv`` (``id,name``).
 Deterministic given ``--seed``.
@@ -22,7 +25,7 @@ import argparse
 import os
 import sys
 
-from claver_dist.data.synthetic import FLIP_SAFE_CLASSES, MOTION_CLASSES, MotionSpec, write_motion_dataset
+from claver_dist.data.synthetic import CLASS_FAMILIES, MotionSpec, write_motion_dataset
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -49,9 +52,12 @@ def _frames(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder")
-    p.add_argument("--classes", type=int, default=FLIP_SAFE_CLASSES,
-                   help=f"number of classes, 2..{len(MOTION_CLASSES)} (default {FLIP_SAFE_CLASSES}; above that, "
-                   "classes swap under a horizontal flip)")  # fmt: skip
+    p.add_argument("--family", choices=sorted(CLASS_FAMILIES), default="motion",
+                   help="motion: time-reversed motion pairs (default); size: orders of sizes (the demo's)")
+    p.add_argument("--classes", type=int, default=None,
+                   help=f"number of classes (motion: 2..{len(CLASS_FAMILIES['motion'][0])}, default "
+                   f"{CLASS_FAMILIES['motion'][1]}, above that classes swap under a horizontal flip; "
+                   f"size: 2..{len(CLASS_FAMILIES['size'][0])}, default all)")  # fmt: skip
     p.add_argument("--per-class", type=int, default=32, help="training videos per class (default 32)")
     p.add_argument("--val-per-class", type=int, default=8, help="validation videos per class (default 8)")
     p.add_argument("--size", type=_size, default=(128, 96), help="WIDTHxHEIGHT (default 128x96)")
@@ -62,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if not 2 <= a.classes <= len(MOTION_CLASSES):
-        p.error(f"--classes must be in [2, {len(MOTION_CLASSES)}]")
+    names, default = CLASS_FAMILIES[a.family]
+    a.classes = default if a.classes is None else a.classes
+    if not 2 <= a.classes <= len(names):
+        p.error(f"--classes must be in [2, {len(names)}] for --family {a.family}")
     spec = MotionSpec(width=a.size[0], height=a.size[1], min_frames=a.frames[0], max_frames=a.frames[1], fps=a.fps)
     paths = write_motion_dataset(a.out, a.classes, a.per_class, a.val_per_class, spec, a.seed, a.codec,
-                                 a.workers, progress=not a.no_progress)  # fmt: skip
+                                 a.workers, progress=not a.no_progress, family=a.family)  # fmt: skip
     print(f"{a.out}: {a.classes} classes x ({a.per_class} train + {a.val_per_class} val) videos; "
           f"annotations {paths['train']}, {paths['val']}; labels {paths['labels']}")  # fmt: skip
     return 0

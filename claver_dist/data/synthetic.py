@@ -1,18 +1,30 @@
 """Synthetic videos: motion-defined action classes for the demo, frame-numbered clips for tests.
 
-Motion classes come in pairs that differ only in the direction of time: "moving up" is
-a "moving down" clip played backwards, with the same distribution of shapes, colours,
-textures and positions. Every single frame, and the average of all frames, therefore
-has the same distribution in both classes of a pair: a model that pools frames without
-temporal modelling cannot beat chance inside a pair (at most 50% over 8 classes), while a
-temporal model can learn all of them from 8 frames at 64 px.
+Two families of action classes, both built so that a model which pools frames without
+temporal modelling cannot tell the classes apart, while a temporal model can:
 
-The default 8 classes (down/up, growing/shrinking, fading in/out, coming together /
-moving apart) are unchanged by a horizontal flip, so the reference augmentation keeps
-their labels true. Classes 9-12 (right/left, clockwise/counter-clockwise) swap under a
-flip: train on them only with ``data.flip_prob=0``.
+- ``"size"`` (``SIZE_CLASSES``, the demo's): a shape on a textured background changes
+  size over time, and the class is the *order* of the sizes: growing, shrinking, growing
+  then shrinking, growing twice, ... Every clip is one and the same set of frames (one
+  per size, smallest to largest) put in the order of the class's size profile, so the
+  unordered set of frames has exactly the same distribution in every class: a frame-mean
+  model is at chance (12.5% for 8 classes), whatever it learns. Size is a global cue
+  (the area of a bright shape) that a from-scratch ViT reads from a single frame within
+  a few dozen steps, so what is left to learn is the temporal part.
+- ``"motion"`` (``MOTION_CLASSES``): pairs that differ only in the direction of time:
+  "moving up" is a "moving down" clip played backwards, with the same distribution of
+  shapes, colours, textures and positions. A frame-pooling model is at chance inside a
+  pair (at most 50% over 8 classes). Position-only motion is hard to learn from random
+  weights (docs/model.md); the tests use this family.
+
+All "size" classes and the first 8 "motion" classes (down/up, growing/shrinking, fading
+in/out, coming together / moving apart) are unchanged by a horizontal flip, so the
+reference augmentation keeps their labels true. Motion classes 9-12 (right/left,
+clockwise/counter-clockwise) swap under a flip: train on them only with
+``data.flip_prob=0``.
 
     write_motion_dataset("data/synthetic", num_classes=8, per_class=32, val_per_class=8)
+    write_motion_dataset("data/sizes", family="size", per_class=160, val_per_class=40)
     # -> videos/*.mp4, train.txt / val.txt ("relative/path.mp4 label"), labels.csv
 
 Frame-numbered videos paint each frame's index in binary as horizontal bands, which
@@ -51,6 +63,35 @@ MOTION_CLASSES = [
     ("rotating counter-clockwise", "rotate", True),
 ]
 FLIP_SAFE_CLASSES = 8
+
+
+def _zigzag(s: np.ndarray, pieces: int) -> np.ndarray:
+    """Up, down, up, ... in ``pieces`` equal linear pieces, each covering [0, 1] once."""
+    x = s * pieces
+    k = np.minimum(np.floor(x), pieces - 1)
+    f = x - k
+    return np.where(k % 2 == 0, f, 1.0 - f)
+
+
+# (name, size profile over normalised time s in [0, 1]). Every profile visits each size
+# equally often (it is a measure-preserving map of [0, 1]), and a clip is the same frames
+# sorted by the profile: only the order of the sizes tells the classes apart.
+SIZE_CLASSES = [
+    ("growing", lambda s: s),
+    ("shrinking", lambda s: 1.0 - s),
+    ("growing then shrinking", lambda s: _zigzag(s, 2)),
+    ("shrinking then growing", lambda s: 1.0 - _zigzag(s, 2)),
+    ("growing twice", lambda s: np.where(s < 0.5, 2 * s, 2 * s - 1)),
+    ("shrinking twice", lambda s: 1.0 - np.where(s < 0.5, 2 * s, 2 * s - 1)),
+    ("growing then shrinking then growing", lambda s: _zigzag(s, 3)),
+    ("shrinking then growing then shrinking", lambda s: 1.0 - _zigzag(s, 3)),
+]
+
+# family -> (class names, default number of classes)
+CLASS_FAMILIES = {
+    "motion": ([c[0] for c in MOTION_CLASSES], FLIP_SAFE_CLASSES),
+    "size": ([c[0] for c in SIZE_CLASSES], len(SIZE_CLASSES)),
+}
 
 FRAME_NUMBER_BITS = 8
 
@@ -205,16 +246,56 @@ def motion_frames(label: int, rng: np.random.Generator, spec: MotionSpec = Motio
     return frames[::-1].copy() if reverse else frames
 
 
+def size_order_frames(label: int, rng: np.random.Generator, spec: MotionSpec = MotionSpec()) -> np.ndarray:
+    """One ``[T, H, W, 3]`` uint8 clip of class ``label`` (index into SIZE_CLASSES).
+
+    The random draws do not depend on the label: with the same ``rng`` state every class
+    gets the same frames (one per size, from small to large), in its own order."""
+    _, profile = SIZE_CLASSES[label]
+    w, h = spec.width, spec.height
+    t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
+    size = min(w, h)
+    bg = rng.integers(0, 110, 3)
+    tex = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    background = np.clip(bg + tex, 0, 255)
+    fg = rng.integers(150, 256, 3).astype(np.float64)
+    shape = str(rng.choice(["square", "disk", "triangle"]))
+    angle = rng.uniform(0, 2 * math.pi)
+    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+    r0, r1 = size * rng.uniform(0.06, 0.1), size * rng.uniform(0.32, 0.4)
+    radii = r0 + (r1 - r0) * np.linspace(0.0, 1.0, t)  # sorted: frame k has the k-th smallest size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    frames = np.empty((t, h, w, 3), np.uint8)
+    for k, r in enumerate(radii):
+        pts = _shape_points(shape, cx, cy, r, angle)
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2 if pts is None else _polygon_mask(xx, yy, pts)
+        img = background.copy()
+        img[mask] = fg
+        frames[k] = img.astype(np.uint8)
+    # frame i shows the size ranked where the profile puts time i (stable for ties)
+    rank = np.argsort(np.argsort(profile(np.linspace(0.0, 1.0, t)), kind="stable"), kind="stable")
+    return frames[rank]
+
+
+def class_frames(family: str, label: int, rng: np.random.Generator, spec: MotionSpec = MotionSpec()) -> np.ndarray:
+    """One clip of class ``label`` of ``family`` ("motion" or "size")."""
+    if family == "motion":
+        return motion_frames(label, rng, spec)
+    if family == "size":
+        return size_order_frames(label, rng, spec)
+    raise ValueError(f"unknown class family {family!r} (known: {', '.join(CLASS_FAMILIES)})")
+
+
 def _write_one(args: tuple) -> str:
-    path, label, seed, index, spec, codec = args
+    path, label, seed, index, spec, codec, family = args
     rng = np.random.default_rng([seed, label, index])
-    write_video(path, motion_frames(label, rng, spec), spec.fps, codec=codec, crf=14)
+    write_video(path, class_frames(family, label, rng, spec), spec.fps, codec=codec, crf=14)
     return str(path)
 
 
 def write_motion_dataset(
     out: str | Path,
-    num_classes: int = FLIP_SAFE_CLASSES,
+    num_classes: int | None = None,
     per_class: int = 32,
     val_per_class: int = 8,
     spec: MotionSpec = MotionSpec(),
@@ -222,19 +303,27 @@ def write_motion_dataset(
     codec: str = "h264",
     workers: int = 1,
     progress: bool = False,
+    family: str = "motion",
 ) -> dict[str, Path]:
-    """Write videos + ``train.txt``/``val.txt`` annotations + ``labels.csv`` under ``out``."""
-    if not 2 <= num_classes <= len(MOTION_CLASSES):
-        raise ValueError(f"num_classes must be in [2, {len(MOTION_CLASSES)}], got {num_classes}")
+    """Write videos + ``train.txt``/``val.txt`` annotations + ``labels.csv`` under ``out``.
+
+    ``family``: "motion" (``MOTION_CLASSES``; default 8 classes, the flip-safe ones) or
+    "size" (``SIZE_CLASSES``, all 8 by default); the first ``num_classes`` are written."""
+    if family not in CLASS_FAMILIES:
+        raise ValueError(f"unknown class family {family!r} (known: {', '.join(CLASS_FAMILIES)})")
+    names, default = CLASS_FAMILIES[family]
+    num_classes = default if num_classes is None else num_classes
+    if not 2 <= num_classes <= len(names):
+        raise ValueError(f"num_classes must be in [2, {len(names)}] for the {family} family, got {num_classes}")
     out = Path(out)
     ext = {"h264": "mp4", "vp9": "webm", "mjpeg": "avi"}[codec]
     jobs, lines = [], {"train": [], "val": []}
     for label in range(num_classes):
-        name = MOTION_CLASSES[label][0].replace(" ", "_")
+        name = names[label].replace(" ", "_")
         for split, count, offset in (("train", per_class, 0), ("val", val_per_class, 1_000_000)):
             for i in range(count):
                 rel = f"videos/{name}/{split}_{i:05d}.{ext}"
-                jobs.append((out / rel, label, seed, offset + i, spec, codec))
+                jobs.append((out / rel, label, seed, offset + i, spec, codec, family))
                 lines[split].append(f"{rel} {label}")
     if workers > 1:
         import multiprocessing as mp
@@ -250,7 +339,7 @@ def write_motion_dataset(
         paths[split] = out / f"{split}.txt"
         paths[split].write_text("\n".join(lines[split]) + "\n" if lines[split] else "")
     paths["labels"] = out / "labels.csv"
-    paths["labels"].write_text("id,name\n" + "".join(f"{i},{MOTION_CLASSES[i][0]}\n" for i in range(num_classes)))
+    paths["labels"].write_text("id,name\n" + "".join(f"{i},{names[i]}\n" for i in range(num_classes)))
     return paths
 
 
