@@ -19,7 +19,7 @@ from claver_dist.data.augment import (
     view_crop_boxes as crop_boxes,
 )
 from claver_dist.data.sampling import clip_indices, sample_rng, tsn_indices
-from claver_dist.data.synthetic import MOTION_CLASSES, MotionSpec, motion_frames
+from claver_dist.data.synthetic import MOTION_CLASSES, SIZE_CLASSES, MotionSpec, motion_frames, size_order_frames
 
 # --------------------------------------------------------------------------- sampling
 
@@ -221,3 +221,26 @@ def test_default_classes_survive_a_horizontal_flip():
     right = motion_frames(8, np.random.default_rng(0), spec)[:, :, ::-1]
     xs = [np.nonzero(f.astype(float).sum(-1) > 400)[1].mean() for f in right]
     assert xs[-1] < xs[0] - 10  # a flipped "moving right" moves left
+
+
+def test_size_classes_are_one_set_of_frames_in_different_orders():
+    """The demo's classes: a frame-pooling model sees the same frames in every class."""
+    spec = MotionSpec(width=48, height=32, min_frames=12, max_frames=12)
+    clips = [size_order_frames(c, np.random.default_rng(7), spec) for c in range(len(SIZE_CLASSES))]
+    sorted_frames = [np.sort(c.reshape(len(c), -1), axis=0) for c in clips]
+    for c in clips[1:]:
+        assert np.array_equal(np.sort(c.reshape(len(c), -1), axis=0), sorted_frames[0])  # same multiset
+        assert np.array_equal(c.mean(0), clips[0].mean(0))
+    orders = {tuple((c.astype(float).sum(-1) > 400).sum((1, 2))) for c in clips}
+    assert len(orders) == len(SIZE_CLASSES)  # ...but every class orders them differently
+
+    def area_steps(clip):  # +1 where the shape grows from one frame to the next, -1 where it shrinks
+        area = (clip.astype(float).sum(-1) > 400).sum((1, 2))
+        return "".join("+" if b > a else "-" for a, b in zip(area[:-1], area[1:]))
+
+    runs = {name: "".join(ch for i, ch in enumerate(area_steps(c)) if i == 0 or ch != area_steps(c)[i - 1])
+            for (name, _), c in zip(SIZE_CLASSES, clips)}
+    assert runs["growing"] == "+" and runs["shrinking"] == "-"
+    assert runs["growing then shrinking"] == "+-" and runs["shrinking then growing"] == "-+"
+    assert runs["growing then shrinking then growing"] == "+-+"
+    assert runs["shrinking then growing then shrinking"] == "-+-"

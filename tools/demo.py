@@ -11,7 +11,8 @@
    synthetic classes, same format as the benchmark banks);
 3. trains the debug-size CLAVER (KMT) on CPU with DeepSpeed, 2 processes by default;
 4. trains the same model with the temporal blocks removed (mean of frame features);
-5. evaluates both on the validation split and prints top-1 and the run folders.
+5. evaluates both on the validation split and prints top-1 and the run folders;
+6. classifies one validation video per class with ``tools/predict.py`` and the KMT model.
 
 Every step is skipped when its output is already there, so a re-run is quick.
 """
@@ -90,6 +91,18 @@ def evaluate(args: argparse.Namespace, run_dir: Path) -> float:
     return json.loads((out / "results.json").read_text())["sets"][0]["top1"]
 
 
+def predict_examples(args: argparse.Namespace, run_dir: Path) -> None:
+    """The first validation video of each class through tools/predict.py (top-1 printed)."""
+    from tools.predict import main as predict_main
+
+    data, first = Path(args.data), {}
+    for line in (data / "val.txt").read_text().splitlines():
+        rel, label = line.rsplit(" ", 1)
+        first.setdefault(int(label), str(data / rel))
+    print(f"\n[demo] tools/predict.py --checkpoint {run_dir} --top 1, one validation video per class:")
+    predict_main([*(first[c] for c in sorted(first)), "--checkpoint", str(run_dir), "--top", "1"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  CLAVER, Kronecker-mask temporal blocks (KMT): {100 * results['kmt']:6.2f}%   run: {kmt}")
     print(f"  same model, mean of frame features (none):    {100 * results['mean']:6.2f}%   run: {mean}")
     print(f"  chance: {100 / classes:.2f}% ({classes} classes); data {t_data:.0f}s, total {wall:.0f}s")
+    predict_examples(args, kmt)
     (Path(args.runs) / "demo_results.json").write_text(json.dumps(
         {"top1": results, "classes": classes, "wall_s": wall, "data_s": t_data}, indent=1))
     return 0
