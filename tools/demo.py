@@ -50,7 +50,7 @@ def build_data(args: argparse.Namespace) -> Path:
 
     data, shards = Path(args.data), Path(args.shards)
     if not (data / "labels.csv").is_file():
-        print(f"[demo] writing synthetic motion videos to {data}")
+        print(f"[demo] writing synthetic size-order videos to {data}")
         write_motion_dataset(data, per_class=args.per_class, val_per_class=args.val_per_class,
                              spec=MotionSpec(), seed=0, workers=os.cpu_count() or 1, progress=True,
                              family="size")
