@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -234,12 +236,11 @@ def test_size_classes_are_one_set_of_frames_in_different_orders():
     orders = {tuple((c.astype(float).sum(-1) > 400).sum((1, 2))) for c in clips}
     assert len(orders) == len(SIZE_CLASSES)  # ...but every class orders them differently
 
-    def area_steps(clip):  # +1 where the shape grows from one frame to the next, -1 where it shrinks
+    def area_runs(clip):  # the shape's area from frame to frame, as runs of "+" (grows) and "-" (shrinks)
         area = (clip.astype(float).sum(-1) > 400).sum((1, 2))
-        return "".join("+" if b > a else "-" for a, b in zip(area[:-1], area[1:]))
+        return "".join(k for k, _ in itertools.groupby("+" if b > a else "-" for a, b in zip(area, area[1:])))
 
-    runs = {name: "".join(ch for i, ch in enumerate(area_steps(c)) if i == 0 or ch != area_steps(c)[i - 1])
-            for (name, _), c in zip(SIZE_CLASSES, clips)}
+    runs = {name: area_runs(c) for (name, _), c in zip(SIZE_CLASSES, clips)}
     assert runs["growing"] == "+" and runs["shrinking"] == "-"
     assert runs["growing then shrinking"] == "+-" and runs["shrinking then growing"] == "-+"
     assert runs["growing then shrinking then growing"] == "+-+"

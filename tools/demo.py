@@ -93,12 +93,13 @@ def evaluate(args: argparse.Namespace, run_dir: Path) -> float:
 
 def predict_examples(args: argparse.Namespace, run_dir: Path) -> None:
     """The first validation video of each class through tools/predict.py (top-1 printed)."""
+    from claver_dist.eval.protocols import parse_annotation_line
     from tools.predict import main as predict_main
 
     data, first = Path(args.data), {}
-    for line in (data / "val.txt").read_text().splitlines():
-        rel, label = line.rsplit(" ", 1)
-        first.setdefault(int(label), str(data / rel))
+    for line in filter(str.strip, (data / "val.txt").read_text().splitlines()):
+        rel, label = parse_annotation_line(line, str(data / "val.txt"))
+        first.setdefault(label, str(data / rel))
     print(f"\n[demo] tools/predict.py --checkpoint {run_dir} --top 1, one validation video per class:")
     predict_main([*(first[c] for c in sorted(first)), "--checkpoint", str(run_dir), "--top", "1"])
 
