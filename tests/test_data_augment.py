@@ -229,18 +229,17 @@ def test_size_classes_are_one_set_of_frames_in_different_orders():
     """The demo's classes: a frame-pooling model sees the same frames in every class."""
     spec = MotionSpec(width=48, height=32, min_frames=12, max_frames=12)
     clips = [size_order_frames(c, np.random.default_rng(7), spec) for c in range(len(SIZE_CLASSES))]
-    sorted_frames = [np.sort(c.reshape(len(c), -1), axis=0) for c in clips]
+    pooled = np.sort(clips[0].reshape(len(clips[0]), -1), axis=0)
     for c in clips[1:]:
-        assert np.array_equal(np.sort(c.reshape(len(c), -1), axis=0), sorted_frames[0])  # same multiset
+        assert np.array_equal(np.sort(c.reshape(len(c), -1), axis=0), pooled)  # same multiset of frames
         assert np.array_equal(c.mean(0), clips[0].mean(0))
-    orders = {tuple((c.astype(float).sum(-1) > 400).sum((1, 2))) for c in clips}
-    assert len(orders) == len(SIZE_CLASSES)  # ...but every class orders them differently
+    areas = [tuple((c.astype(float).sum(-1) > 400).sum((1, 2))) for c in clips]  # shape area per frame
+    assert len(set(areas)) == len(SIZE_CLASSES)  # ...but every class orders them differently
 
-    def area_runs(clip):  # the shape's area from frame to frame, as runs of "+" (grows) and "-" (shrinks)
-        area = (clip.astype(float).sum(-1) > 400).sum((1, 2))
+    def area_runs(area):  # runs of "+" (the shape grows to the next frame) and "-" (it shrinks)
         return "".join(k for k, _ in itertools.groupby("+" if b > a else "-" for a, b in zip(area, area[1:])))
 
-    runs = {name: area_runs(c) for (name, _), c in zip(SIZE_CLASSES, clips)}
+    runs = {name: area_runs(a) for (name, _), a in zip(SIZE_CLASSES, areas)}
     assert runs["growing"] == "+" and runs["shrinking"] == "-"
     assert runs["growing then shrinking"] == "+-" and runs["shrinking then growing"] == "-+"
     assert runs["growing then shrinking then growing"] == "+-+"

@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  CLAVER, Kronecker-mask temporal blocks (KMT): {100 * results['kmt']:6.2f}%   run: {kmt}")
     print(f"  same model, mean of frame features (none):    {100 * results['mean']:6.2f}%   run: {mean}")
     print(f"  chance: {100 / classes:.2f}% ({classes} classes); data {t_data:.0f}s, total {wall:.0f}s")
-    predict_examples(args, kmt)
     (Path(args.runs) / "demo_results.json").write_text(json.dumps(
         {"top1": results, "classes": classes, "wall_s": wall, "data_s": t_data}, indent=1))
+    predict_examples(args, kmt)
     return 0
 
 
