@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 SYS_PKGS := ffmpeg g++ make
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down bench clean
+.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down bench gpu-check clean
 
 demo: sysdeps venv
 	OMP_NUM_THREADS=1 $(PY) -m tools.demo
@@ -52,6 +52,16 @@ llm: .cache/llm/.installed
 bench: sysdeps venv
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_train.py
+
+# The first lent GPU (docs/benchmarks.md, "GPU check"): the gpu-marked tests, the preflight
+# and bench_train --time all, one table in $(GPU_CHECK_OUT)/report.md (also printed). No venv
+# rule: it runs where the repository arrives as a bare working tree. Python: PY=... (default
+# .venv's, else python3); WHEELS=DIR installs missing packages from a wheel folder first;
+# GPU_CHECK_ARGS="--skip-bench" etc. (python tools/gpu_check.py --help).
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # A real two-node SLURM cluster with accounting on this machine (needs root; the slurm
 # tests skip, printing why, where it cannot start).

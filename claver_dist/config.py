@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,15 +23,15 @@ from typing import Any
 
 import yaml
 
+from claver_dist.checkpoint import CheckpointConfig
 from claver_dist.data.config import DataConfig
+from claver_dist.errors import ConfigError, require
 from claver_dist.eval.config import EvalConfig
 from claver_dist.model.config import ModelConfig
 from claver_dist.text.config import TextConfig
-from claver_dist.train.config import CheckpointConfig, LogConfig, OptimConfig, TrainConfig
+from claver_dist.train.config import LogConfig, OptimConfig, TrainConfig
 
-
-class ConfigError(ValueError):
-    """A bad key or value in a config file or override; the message names it."""
+log = logging.getLogger("claver_dist.config")
 
 
 @dataclass
@@ -185,10 +186,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+# Keys that configs written by earlier versions may hold (every run folder and export keeps
+# its resolved config.yaml): dropped with a warning, so those runs can still be evaluated.
+RETIRED_KEYS = {
+    ("data", "shuffle_buffer"): "it was never used (the loader draws an exact per-epoch permutation)",
+}
+
+
+def _drop_retired(data: dict[str, Any], where: str) -> dict[str, Any]:
+    for (section, key), why in RETIRED_KEYS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+            log.warning("%s: ignoring retired config key %s.%s: %s", where, section, key, why)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML ``path`` <- ``overrides``; validated."""
-    data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
-    data = _deep_update(data, parse_overrides(overrides or []))
+    data: dict[str, Any] = _drop_retired(_read_yaml(Path(path)), str(path)) if path else {}
+    data = _deep_update(data, parse_overrides(overrides or []))  # typed now: a retired key is an error
     cfg = _merge(RunConfig(), data)
     validate(cfg)
     return cfg
@@ -198,16 +214,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``save_config`` writes)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_config(cfg))
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that no single dataclass can do alone."""
+    """Every section's own checks, then the top-level keys."""
     for sub in (cfg.model, cfg.data, cfg.text, cfg.optim, cfg.train, cfg.checkpoint, cfg.log, cfg.eval):
-        check = getattr(sub, "validate", None)
-        if check is not None:
-            check()
-    if cfg.text.num_sampled_variants < 1:
-        raise ConfigError("text.num_sampled_variants must be >= 1")
+        sub.validate()
+    require(bool(cfg.name.strip()), "name", "a non-empty name", cfg.name)
+    require(cfg.seed >= 0, "seed", ">= 0", cfg.seed)

@@ -7,22 +7,28 @@ owns a GPU, gloo otherwise (CPU training, tests).
 
     dist_env = DistEnv.from_environ()
     dist_env.init()          # torch.distributed process group (+ device selection)
+    dist_env.all_sum([loss, n])   # the few collectives everyone uses (no-ops on one process)
+    dist_env.any_rank(flag)
+    dist_env.gather(obj)          # every rank's object, in rank order
+    dist_env.barrier()
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-
-class DistError(RuntimeError):
-    """The launcher's environment is inconsistent; the message says which variable."""
+from claver_dist.errors import DistError
 
 
 def _int_env(env: dict[str, str], key: str) -> int:
@@ -30,6 +36,47 @@ def _int_env(env: dict[str, str], key: str) -> int:
         return int(env[key])
     except ValueError:
         raise DistError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+# --------------------------------------------------------------------------- collectives
+# On the default process group; each is a no-op (the local value) without one or on one rank.
+
+
+def _multi() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum over ranks of a few floats (float64 on ``device``: nccl needs CUDA)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if _multi():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on at least one: all ranks take the same branch."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if _multi():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if _multi():
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not _multi():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------- environment
 
 
 def free_port() -> int:
@@ -131,14 +178,50 @@ class DistEnv:
     def init(self, timeout_s: float = 1800) -> None:
         """Create the default process group (idempotent); sets the CUDA device first."""
         if dist.is_initialized():
+            # DeepSpeed reads LOCAL_RANK from the environment on every engine it builds; a
+            # process that already has its group (tests, notebooks) may have lost the variable.
+            os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
             return
         if self.device_type == "cuda":
             torch.cuda.set_device(self.local_rank)
+        # DeepSpeed JIT-builds a C++ op under ~/.cache/torch_extensions while it initialises;
+        # two Python environments sharing that folder rebuild it over each other, and every
+        # rank waits on the build's lock file (forever, if a killed build left it behind).
+        # One folder per environment avoids both.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" /
+                                                          hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
                           MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
-        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torch's elastic agent every restart attempt meets in the agent's one store,
+            # and torch adds no per-attempt prefix: a restarted rank then reads the previous
+            # attempt's gloo/NCCL addresses and waits on a dead peer (seen with gloo: "Connection
+            # refused" until the timeout). The attempt number keeps the attempts apart; it must
+            # be the same on every node (TORCHELASTIC_RESTART_COUNT is not: a node restarted for
+            # another node's failure keeps its count), so our launchers number the starts.
+            attempt = os.environ.get("CLAVER_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(self.master_addr, self.master_port, self.world_size, is_master=False,
+                                  timeout=timeout)
+            dist.init_process_group(self.backend, store=dist.PrefixStore(f"claver/attempt_{attempt}", store),
+                                    rank=self.rank, world_size=self.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size, timeout=timeout)
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        return all_sum(values, self.device)
+
+    def any_rank(self, flag: bool) -> bool:
+        return any_rank(flag, self.device)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, in place on its device (no host synchronisation)."""
+        if _multi():
+            dist.all_reduce(t)
+        return t
 
     def barrier(self) -> None:
-        if dist.is_initialized() and self.world_size > 1:
-            dist.barrier()
+        barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        return gather_objects(obj)

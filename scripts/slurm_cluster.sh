@@ -16,12 +16,12 @@
 # nodes, so that a job in `urgent` really preempts `debug` jobs (PreemptMode=REQUEUE with a
 # grace time, and the job's own --signal sent at preemption: preempt_send_user_signal).
 #
-# Env: NODES=2 nodes; CPUS=4 CPUs per node (may exceed nproc); MEM_MB=4000 per node;
+# Env: NODES=4 nodes; CPUS=4 CPUs per node (may exceed nproc); MEM_MB=4000 per node;
 #      GPUS=0 fake GPUs per node (gres backed by /dev/null); WITH_DBD=1 accounting;
 #      GRACE_S=60 preemption grace time. Needs root (apt, /etc/slurm, /etc/hosts, daemons).
 # Adapted from shared/reference/slurm-local-cluster-{up,down}.sh.
 set -euo pipefail
-NODES=${NODES:-2}; CPUS=${CPUS:-4}; GPUS=${GPUS:-0}; MEM_MB=${MEM_MB:-4000}; WITH_DBD=${WITH_DBD:-1}
+NODES=${NODES:-4}; CPUS=${CPUS:-4}; GPUS=${GPUS:-0}; MEM_MB=${MEM_MB:-4000}; WITH_DBD=${WITH_DBD:-1}
 GRACE_S=${GRACE_S:-60}
 
 T0=$(date +%s%N)

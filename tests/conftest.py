@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts/slurm_cluster.sh"
 
 
 def build_motion_shards(root: Path, classes: list[int] | None = None, num_classes: int = 4,
@@ -38,3 +45,40 @@ def build_motion_shards(root: Path, classes: list[int] | None = None, num_classe
 def motion_shards(tmp_path_factory) -> Path:
     """4 motion classes x 12 train / 4 val videos."""
     return build_motion_shards(tmp_path_factory.mktemp("motion"))
+
+
+def _start_cluster() -> str | None:
+    """None when a cluster answers (started here if needed), else why not."""
+    if shutil.which("scontrol") and subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True,
+                                                   timeout=60).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "no SLURM test cluster is running and only root can start one: sudo scripts/slurm_cluster.sh up"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "claver-slurm-cluster-up.log"
+    with open(log, "w") as f:  # a file, not a pipe: the daemons it starts outlive the script
+        try:
+            rc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout (900 s)"
+    if rc != 0:
+        return f"scripts/slurm_cluster.sh up failed ({rc}):\n{log.read_text()[-3000:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    reason = _start_cluster()
+    if reason:
+        pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (root only: callers check), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

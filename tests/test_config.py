@@ -72,3 +72,47 @@ def test_reference_recipe_values():
     l336 = load_config(Path(__file__).parent.parent / "configs/k400_l14_336.yaml")
     assert (l336.data.num_frames, l336.data.image_size, l336.data.batch_size, l336.train.grad_accum) == (16, 336, 1, 32)
     assert l336.model.grad_checkpointing != "none"
+
+
+def test_retired_keys_of_earlier_configs_are_dropped_with_a_warning(tmp_path, caplog):
+    """Run folders and exports keep the config they were trained with; a key since removed
+    must not make them unloadable."""
+    old = tmp_path / "config.yaml"
+    old.write_text("name: old\ndata:\n  batch_size: 4\n  shuffle_buffer: 500\n")
+    with caplog.at_level("WARNING", logger="claver_dist.config"):
+        cfg = load_config(old)
+    assert cfg.data.batch_size == 4 and not hasattr(cfg.data, "shuffle_buffer")
+    assert "retired config key data.shuffle_buffer" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key 'data.shufle_buffer'"):
+        load_config(old, ["data.shufle_buffer=1"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("train.max_steps=0", "train.max_steps must be >= 1 or null"),
+    ("train.zero_stage=7", "train.zero_stage: 7 is not one of [0, 1, 2]"),
+    ("train.label_smoothing=1.5", "train.label_smoothing must be in [0, 1)"),
+    ("train.mixup_prob=2", "train.mixup_prob must be a probability"),
+    ("train.val_every_epochs=0", "train.val_every_epochs must be >= 1"),
+    ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps must be >= 1, got 0"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept)"),
+    ("checkpoint.keep_last=-2", "checkpoint.keep_last must be >= 1"),
+    ("log.every_steps=0", "log.every_steps must be >= 1"),
+    ("log.peak_tflops=0", "log.peak_tflops must be > 0 or null"),
+    ("eval.num_crops=2", "eval.num_crops: 2 is not one of [1, 3]"),
+    ("eval.num_clips=0", "eval.num_clips must be >= 1"),
+    ("text.context_length=100", "text.context_length must be in 1..77"),
+    ("model.temporal_embedding_std=0", "model.temporal_embedding_std must be > 0"),
+    ("seed=-1", "seed must be >= 0"),
+    ("data.shuffle_buffer=5", "unknown config key 'data.shuffle_buffer'"),
+])
+def test_every_section_validates_its_values(override, needle):
+    """One line naming the key, before any model, data or process is touched."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)

@@ -6,6 +6,7 @@ a loader really decoded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -18,7 +19,8 @@ import torch
 
 from claver_dist.data.augment import CLIP_MEAN, CLIP_STD
 from claver_dist.data.config import DataConfig
-from claver_dist.data.loader import Partition, build_loader
+from claver_dist.data.loader import build_loader
+from claver_dist.data.plan import Partition
 from claver_dist.data.sampling import STREAM_FRAMES, clip_indices, sample_rng
 from claver_dist.data.shards import ShardError, ShardSet, ShardWriter, dump_json, resolve_shards
 from claver_dist.data.synthetic import MotionSpec, frame_number_frames, motion_frames, read_frame_number, write_video
@@ -140,6 +142,30 @@ def test_backends_agree_on_indices_and_images(data):
 # --------------------------------------------------------------------------- ranks
 
 
+def test_uint8_batches_finished_by_the_loader_equal_float_batches_from_the_workers(data):
+    """A GPU run's CPU backend hands over uint8 pixels with their colours (a quarter of the
+    bytes) and the loader finishes them on its device; a CPU run's workers finish them. The
+    batches are the same (1e-5), val padding and bad slots still zero."""
+    from claver_dist.data.cpu import CpuBackend
+
+    for split, views in (("train", (1, 1)), ("val", (2, 3))):
+        cfg = _cfg(data["motion"], "cpu", image_size=40, batch_size=5, num_workers=1)
+        float_loader = build_loader(cfg, split, seed=5, views=views)
+        uint8_loader = build_loader(cfg, split, seed=5, views=views)
+        uint8_loader.backend.close()
+        uint8_loader.backend = CpuBackend(uint8_loader.shards, uint8_loader.ctx, cfg, "cpu", finish_in_worker=False)
+        raw = next(iter(uint8_loader.backend.run(uint8_loader.partition.jobs(0, 0, {}), 0)))
+        assert raw["video"].dtype == torch.uint8 and raw["color"].shape == (5, 3, 3)
+        a, b = _epoch(float_loader), _epoch(uint8_loader)
+        assert len(a) == len(b) == len(float_loader)
+        for x, y in zip(a, b):
+            assert x["key"] == y["key"] and torch.equal(x["valid"], y["valid"]) and "color" not in y
+            assert y["video"].dtype == torch.float32 and (x["video"] - y["video"]).abs().max() < 1e-5
+            assert not y["video"][~y["valid"]].any()
+        float_loader.close()
+        uint8_loader.close()
+
+
 @pytest.mark.parametrize("n,world,batch", [(12, 2, 4), (13, 2, 4), (17, 3, 2), (7, 4, 1), (30, 8, 3)])
 def test_partition_policy(n, world, batch):
     for train in (True, False):
@@ -153,6 +179,65 @@ def test_partition_policy(n, world, batch):
             assert len(real) == world * batch * (n // world // batch)  # drop only the remainder
         else:
             assert sorted(real) == list(range(n))  # every sample exactly once
+
+
+def _step_sets(n: int, layouts: list[tuple[int, int, int, int]], epoch: int = 3) -> list[set[int]]:
+    """Sample ids of each optimiser step of one epoch walked by ``layouts``: (world, batch,
+    grad_accum, steps; -1 = to the end), each beginning where the previous stopped."""
+    steps: list[set[int]] = []
+    start = 0
+    for world, batch, accum, count in layouts:
+        parts = [Partition(n, batch, r, world, True, seed=7, multiple_of=accum) for r in range(world)]
+        jobs = [list(p.jobs(epoch, 0, {}, start=start)) for p in parts]
+        total = len(jobs[0]) // accum if count < 0 else count
+        for s in range(total):
+            steps.append({g for js in jobs for j in js[s * accum:(s + 1) * accum] for g in j.gids})
+        start += total * world * batch * accum
+    return steps
+
+
+@pytest.mark.parametrize("n", [500, 487])
+def test_resizing_mid_epoch_keeps_every_step_sample_for_sample(n):
+    """16 ranks x 1 x accum 3 -> 8 x 1 x 6 -> 12 x 1 x 4 (48 clips per step throughout): each
+    step takes the same samples as the uninterrupted 16-rank epoch, and the epoch visits its
+    permutation once, dropping only the remainder of n / 48."""
+    reference = _step_sets(n, [(16, 1, 3, -1)])
+    resized = _step_sets(n, [(16, 1, 3, 3), (8, 1, 6, 2), (12, 1, 4, -1)])
+    assert resized == reference and len(reference) == n // 48
+    seen = [g for s in resized for g in s]
+    assert len(seen) == len(set(seen)) == n // 48 * 48
+    # another total batch (allowed explicitly): still each position once, the drop at the end grows at most
+    other = _step_sets(n, [(16, 1, 3, 3), (5, 2, 1, -1)])
+    seen = [g for s in other for g in s]
+    assert len(seen) == len(set(seen)) and len(seen) > n - 48 - 10 and set(seen) >= set().union(*reference[:3])
+
+
+def test_loader_restored_on_another_world_size_continues_the_epoch(data):
+    """A 2-rank loader state (batch 2: 3 batches each per epoch) restored into 1 rank x batch 2
+    and into 4 ranks x batch 1: the rest of the epoch is exactly the samples not yet seen."""
+    cfg = _cfg(data["h264"], "cpu", batch_size=2)
+    seen: list[str] = []
+    states = []
+    for rank in range(2):
+        loader = build_loader(cfg, "train", rank=rank, world_size=2, seed=9)
+        batch = next(iter(loader))
+        seen += batch["key"]
+        states.append(loader.state_dict())
+        loader.close()
+    assert states[0]["consumed"] == 4 and states[0]["epoch"] == 0
+    epoch_keys = set(_frames_of(data["h264"]))
+    for world, batch_size in ((1, 2), (4, 1)):
+        rest: list[str] = []
+        for rank in range(world):
+            loader = build_loader(_cfg(data["h264"], "cpu", batch_size=batch_size), "train", rank=rank,
+                                  world_size=world, seed=9)
+            loader.load_state_dict(json.loads(json.dumps(states[rank % 2])))
+            assert loader.position == (0, 4)
+            rest += [k for b in loader for k in b["key"]]
+            assert loader.position == (1, 0)
+            loader.close()
+        assert not set(rest) & set(seen) and len(rest) == len(set(rest)) == 8
+        assert set(rest) | set(seen) == epoch_keys
 
 
 @pytest.mark.parametrize("backend,codec", [("cpu", "h264"), ("dali", "vp9")])
@@ -280,8 +365,10 @@ def _corrupt(src: Path, dst: Path) -> tuple[str, str]:
     w.add("planted", {ext: planted, "cls": b"1", "json": dump_json(meta)})
     w.close()
     m = json.loads((dst / "manifest.json").read_text())
-    m["splits"]["train"]["shards"].append({"tar": "train-000099.tar", "idx": "train-000099.idx", "samples": 1, "bytes": 0})
+    m["splits"]["train"]["shards"].append({"tar": "train-000099.tar", "idx": "train-000099.idx", "samples": 1,
+                                           "bytes": (dst / "train-000099.tar").stat().st_size})
     (dst / "manifest.json").write_text(json.dumps(m))
+    assert make_shards(["--reindex", str(dst)]) == 0  # a new shard list needs its compact index
     return shards.keys[3], "planted"
 
 
@@ -315,7 +402,7 @@ def test_corrupt_samples_are_skipped_counted_and_named(data, backend, codec, tmp
 
 
 def test_bad_sample_policy_units():
-    from claver_dist.data.loader import BatchJob, SampleResult, assemble
+    from claver_dist.data.plan import BatchJob, SampleResult, assemble
 
     ok = lambda g, v: SampleResult(g, f"k{g}", g % 3, torch.full((2,), float(v)))  # noqa: E731
     bad = lambda g: SampleResult(g, f"k{g}", error="broken")  # noqa: E731
@@ -349,10 +436,29 @@ def test_clear_errors(data, tmp_path):
     # a brace pattern of tars works without the manifest
     loader = build_loader(_cfg(str(data["h264"]) + "/train-00000{0..2}.tar", "cpu"), "val")
     assert loader.num_samples == 12
+    # a shard the manifest lists but that is gone: an error at start, naming it
+    import shutil
+
+    copy = tmp_path / "lost"
+    shutil.copytree(data["h264"], copy)
+    (copy / "train-000001.tar").unlink()
+    with pytest.raises(ShardError, match=r"train-000001.tar: shard missing \(the manifest lists it; 1 of 3"):
+        build_loader(_cfg(copy, "cpu"), "train")
+
+
+def _dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # no nvidia namespace package at all
+        return False
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                    reason="the shards of this module are re-encoded by ffmpeg, which is not installed "
+                           "(tests/test_gpu.py checks the DALI decode on --copy shards)")
+@pytest.mark.skipif(not _dali_installed(), reason="DALI is not installed: its mixed decode is not checked here")
 def test_dali_gpu_decodes_h264_indices(data):
     frames = _frames_of(data["h264"])
     loader = build_loader(_cfg(data["h264"], "auto"), "val", device="cuda", views=(2, 3))

@@ -217,3 +217,33 @@ def test_bad_labels_csv_is_a_clear_error(inputs, tmp_path, capsys):
     rc = make_shards([str(inputs["root"] / "list.txt"), "--root", str(inputs["root"]), "--labels",
                       str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
     assert rc == 2 and "ids must be 0..1" in capsys.readouterr().err
+
+
+def test_rotated_phone_clip_is_stored_upright(tmp_path):
+    """A 320x180 coded clip with a -90 degree display matrix (portrait shown, landscape coded,
+    as phones write it): re-encoded it is stored upright at 180x320 scaled, not squashed;
+    with --copy the bytes keep the matrix and the CPU decoder applies it."""
+    from claver_dist.data.video import decode_frames
+
+    coded = np.zeros((12, 180, 320, 3), np.uint8)
+    coded[:, :90, :160] = 255  # bright top-left quadrant of the coded picture
+    raw = tmp_path / "raw"
+    write_video(raw / "flat.mp4", coded, fps=25)
+    (raw / "class0").mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(raw / "flat.mp4"), "-c", "copy",
+                    "-metadata:s:v:0", "rotate=270", str(raw / "class0/phone.mp4")], check=True)  # a -90 matrix
+    (raw / "list.txt").write_text("class0/phone.mp4 0\n")
+    (raw / "labels.csv").write_text("id,name\n0,zero\n1,one\n")
+    upright = np.rot90(coded[0], -1)  # what FFmpeg shows: 320 high, 180 wide, the bright quadrant top right
+    assert upright.shape == (320, 180, 3) and upright[:160, 90:].mean() > 250 and upright[:160, :90].mean() < 5
+    for mode, extra in (("encoded", ["--short-side", "90"]), ("copy", ["--copy"])):
+        out = tmp_path / mode
+        assert make_shards([str(raw / "list.txt"), "--labels", str(raw / "labels.csv"), "--out", str(out),
+                            "--no-progress", *extra]) == 0
+        data, meta = ShardSet(*resolve_shards(str(out), "train")).load(0)
+        want = (320, 180) if mode == "copy" else (160, 90)
+        assert (meta["height"], meta["width"]) == want and meta["rotation"] == (270 if mode == "copy" else 0)
+        frame = decode_frames(data, [0])[0]
+        assert frame.shape[:2] == want  # upright: no squashing, no sideways frames
+        h, w = want
+        assert frame[: h // 2 - 4, w // 2 + 4 :].mean() > 200 and frame[: h // 2 - 4, : w // 2 - 4].mean() < 50

@@ -5,7 +5,8 @@ import math
 import torch
 
 from claver_dist.eval.scoring import topk_correct, variant_probs, view_probs
-from claver_dist.train.loss import smooth_one_hot, soft_target_cross_entropy
+from claver_dist.data.augment import smooth_one_hot
+from claver_dist.train.loss import soft_target_cross_entropy
 
 
 def test_soft_target_ce_equals_reference_loop():

@@ -18,7 +18,8 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from claver_dist.model import ModelConfig, build_model
     from claver_dist.text.prompts import tokenize
-    from claver_dist.train.loss import smooth_one_hot, soft_target_cross_entropy
+    from claver_dist.data.augment import smooth_one_hot
+    from claver_dist.train.loss import soft_target_cross_entropy
     from claver_dist.train.sharded_text import encode_text_sharded
 
     torch.manual_seed(0)  # same weights on both ranks

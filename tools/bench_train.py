@@ -3,6 +3,7 @@
     python tools/bench_train.py                       # CPU: debug model timed, FLOPs of every config
     python tools/bench_train.py --time all --batch 8  # GPU: time every config (bf16)
     python tools/bench_train.py --text-sharding       # 2 CPU processes: text time, sharded vs plain
+    python tools/bench_train.py --time --cost 300     # FLOPs only, and GPU-hours per paper row at 300 TFLOP/s
 
 Model FLOPs are counted with PyTorch's FlopCounterMode on the meta device (shapes only,
 instant): forward + backward of one clip's vision work, and of one step's text work
@@ -27,11 +28,46 @@ import torch
 CONFIGS = {
     "debug": ("claver-debug", 8, 64),
     "b32_8x224": ("ViT-B-32-quickgelu", 8, 224),
+    "b32_16x224": ("ViT-B-32-quickgelu", 16, 224),
     "b16_8x224": ("ViT-B-16-quickgelu", 8, 224),
     "b16_16x224": ("ViT-B-16-quickgelu", 16, 224),
+    "b16_32x224": ("ViT-B-16-quickgelu", 32, 224),
     "l14_8x224": ("ViT-L-14-quickgelu", 8, 224),
     "l14_16x336": ("ViT-L-14-336-quickgelu", 16, 336),
 }
+
+
+# The paper's rows (docs/reproduce.md): recipe, FLOP config, training clips per epoch, test
+# videos, epochs, classes, total batch. Dataset sizes are those of the usual copies
+# (Kinetics-400 ~240k/20k, Kinetics-600 ~390k/30k; few-shot: K=16 per class, split-1 tests).
+PAPER_ROWS = [
+    ("K400 B/32 8x224", "k400_b32_8f", "b32_8x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 B/32 16x224", "k400_b32_16f", "b32_16x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 B/16 8x224", "k400_b16_8f", "b16_8x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 B/16 16x224", "k400_b16_16f", "b16_16x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 B/16 32x224 (zero-/few-shot start)", "k400_b16_32f", "b16_32x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 L/14 8x224", "k400_l14", "l14_8x224", 240_000, 20_000, 60, 400, 256),
+    ("K400 L/14 16x336", "k400_l14_336", "l14_16x336", 240_000, 20_000, 60, 400, 256),
+    ("K600 B/16 8x224", "k600_b16_8f", "b16_8x224", 390_000, 30_000, 60, 600, 256),
+    ("HMDB-51 few-shot K=16", "fewshot_hmdb51", "b16_32x224", 16 * 51, 1_530, 80, 51, 64),
+    ("UCF-101 few-shot K=16", "fewshot_ucf101", "b16_32x224", 16 * 101, 3_783, 80, 101, 64),
+]
+TEST_VIEWS = 12  # 4 clips x 3 crops
+
+
+def cost_table(rows: dict[str, "Row"], tflops: float, text_classes: int) -> None:
+    """GPU-hours per paper row from the FLOP counts at an assumed achieved TFLOP/s per GPU."""
+    print(f"\ncost at an assumed {tflops:.0f} TFLOP/s achieved per GPU (training: epochs x clips x vision "
+          f"fwd+bwd + steps x text fwd+bwd; test: {TEST_VIEWS} views x vision fwd per video)")
+    print("| row | recipe | train PFLOP | GPU-hours train | GPU-hours test (4x3 views) |")
+    print("|---|---|---|---|---|")
+    for label, recipe, flops_cfg, n_train, n_test, epochs, classes, batch in PAPER_ROWS:
+        r = rows[flops_cfg]
+        steps = epochs * n_train / batch
+        train = epochs * n_train * r.vision_gflops * 1e9 + steps * r.text_gflops * 1e9 * classes / text_classes
+        test = n_test * TEST_VIEWS * r.vision_fwd_gflops * 1e9
+        hours = lambda f: f / (tflops * 1e12) / 3600  # noqa: E731
+        print(f"| {label} | `{recipe}` | {train / 1e15:,.0f} | {hours(train):,.1f} | {hours(test):,.2f} |")
 
 
 @dataclass
@@ -46,6 +82,17 @@ class Row:
     tflops_s: float | None = None
     mfu: float | None = None
     peak_gb: float | None = None
+
+
+def progress_line(row: Row) -> str:
+    """One config's numbers the moment it is done (printed to stderr): a run cut short by a time
+    limit keeps the configs it finished (tools/gpu_check.py reads them back)."""
+    timed = "" if row.clips_s is None else (
+        f"; {row.clips_s:.1f} clips/s, {row.tflops_s:.2f} TFLOP/s, MFU "
+        f"{'-' if row.mfu is None else format(row.mfu, '.1%')}, ms {row.split_ms}, peak GB "
+        f"{'-' if row.peak_gb is None else format(row.peak_gb, '.1f')}")
+    return (f"... {row.name} done: {row.vision_gflops:.1f} GFLOP/clip fwd+bwd, {row.text_gflops:.0f} GFLOP/step "
+            "text" + timed)
 
 
 def build(name: str, attention: str = "auto", ckpt: str = "none"):
@@ -199,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=400, help="C for the text work (K=5 variants)")
     p.add_argument("--checkpointing", default="none", choices=["none", "temporal", "spatial", "all"])
     p.add_argument("--text-sharding", action="store_true", help="only the 2-process text sharding comparison")
+    p.add_argument("--cost", type=float, default=None, metavar="TFLOPS",
+                   help="also print GPU-hours per paper row at this achieved TFLOP/s per GPU")
     args = p.parse_args(argv)
     if args.text_sharding:
         text_sharding_ratio()
@@ -224,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             row.tflops_s = flops / r["step_s"] / 1e12
             row.mfu = flops / r["step_s"] / peak if peak else None
         rows.append(row)
-        print(f"... {name} done", file=sys.stderr, flush=True)
+        print(progress_line(row), file=sys.stderr, flush=True)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\ndevice: {dev}; batch {batch} clips/step; text: K={K} x C={args.classes} prompts per step; "
           f"checkpointing: {args.checkpointing}" + (f"; measured bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
@@ -236,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.params_m:.1f} | {r.vision_fwd_gflops:.1f} | {r.vision_gflops:.1f} | "
               f"{r.text_gflops:.0f} | {f(r.clips_s, '.1f')} | {r.split_ms or '-'} | {f(r.tflops_s, '.2f')} | "
               f"{f(r.mfu, '.1%')} | {f(r.peak_gb, '.1f')} |")
+    if args.cost:
+        cost_table({r.name: r for r in rows}, args.cost, args.classes)
     return 0
 
 

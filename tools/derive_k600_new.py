@@ -1,4 +1,5 @@
-"""Derive labels/kinetics600_new.csv: the 220 Kinetics-600 classes absent from Kinetics-400.
+"""Derive labels/kinetics600_new.csv (the 220 Kinetics-600 classes absent from Kinetics-400)
+and prompts/kinetics600.json (the Kinetics-600 prompt bank).
 
 This is the class set of the zero-shot protocol (train on Kinetics-400, test on the
 new Kinetics-600 classes, in three random 160-class splits; ER-ZSAR, Chen & Huang,
@@ -11,8 +12,13 @@ training set, so they are not new. ``K400_TO_K600_RENAMES`` lists them; the othe
 vanished Kinetics-400 names were dropped or merged, not renamed. The result is the
 ER-ZSAR list of 220 classes, kept in Kinetics-600 id order and renumbered 0..219.
 
-    python -m tools.derive_k600_new              # rewrite labels/kinetics600_new.csv
-    python -m tools.derive_k600_new --check      # exit 1 if the file is out of date
+The Kinetics-600 bank takes every class's texts from the Kinetics-400 bank where the class
+is a Kinetics-400 class (by name or through the rename table) and from the bank of the new
+classes (prompts/kinetics600_new.json) otherwise, so the texts of a class are the same in
+every bank that has it.
+
+    python -m tools.derive_k600_new              # rewrite labels/kinetics600_new.csv and prompts/kinetics600.json
+    python -m tools.derive_k600_new --check      # exit 1 if either file is out of date
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import io
 import sys
 from pathlib import Path
 
-from claver_dist.text.prompts import LabelsError, load_labels
+from claver_dist.text.prompts import BankError, LabelsError, load_labels, read_bank_file, save_bank
 
 # Kinetics-400 name -> its Kinetics-600 name (same action, renamed).
 K400_TO_K600_RENAMES: dict[str, str] = {
@@ -61,6 +67,38 @@ def derive_new_classes(k400: list[str], k600: list[str],
     return [name for name in k600 if name not in known]
 
 
+def derive_k600_bank(k400_bank: dict, new_bank: dict, k600: list[str],
+                     renames: dict[str, str] = K400_TO_K600_RENAMES) -> tuple[list[dict], dict]:
+    """Per-class prompts of every Kinetics-600 class (in ``k600`` order) and the provenance,
+    from the Kinetics-400 bank and the bank of the new classes (both as read_bank_file gives)."""
+    old_name = {new: old for old, new in renames.items()}
+    k400 = {c["name"]: c["prompts"] for c in k400_bank["classes"]}
+    new = {c["name"]: c["prompts"] for c in new_bank["classes"]}
+    prompts = []
+    for name in k600:
+        source = k400.get(old_name.get(name, name)) or new.get(name)
+        if source is None:
+            raise BankError(f"Kinetics-600 class {name!r} is in neither the Kinetics-400 bank nor the new-class bank")
+        prompts.append(source)
+    p400, pnew = k400_bank["provenance"], new_bank["provenance"]
+    provenance = {
+        "method": f"derived by tools/derive_k600_new.py: the {len(k600) - len(new)} classes shared with "
+                  f"Kinetics-400 take the texts of {p400.get('labels', 'kinetics400')}'s bank, the "
+                  f"{len(new)} new classes those of {pnew.get('labels', 'kinetics600_new')}'s bank. Both: "
+                  f"{p400['method']}",
+        "model": p400["model"],
+        "endpoint": p400.get("endpoint"),
+        "parameters": {**p400["parameters"],
+                       "kinds": sorted({k for p in prompts for k in p}, key=list(p400["parameters"]["kinds"]).index)},
+        "prompt_sha256": p400["prompt_sha256"],
+        "labels": "kinetics600.csv",
+        "date": max(p400["date"], pnew["date"]),
+        "tool": "tools/derive_k600_new.py",
+        "sources": ["kinetics400.json", "kinetics600_new.json"],
+    }
+    return prompts, provenance
+
+
 def to_csv(names: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -75,23 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k400", default=str(ROOT / "labels/kinetics400.csv"))
     ap.add_argument("--k600", default=str(ROOT / "labels/kinetics600.csv"))
     ap.add_argument("--out", default=str(ROOT / "labels/kinetics600_new.csv"))
-    ap.add_argument("--check", action="store_true", help="compare with --out instead of writing it")
+    ap.add_argument("--k400-bank", default=str(ROOT / "prompts/kinetics400.json"))
+    ap.add_argument("--new-bank", default=str(ROOT / "prompts/kinetics600_new.json"))
+    ap.add_argument("--bank-out", default=str(ROOT / "prompts/kinetics600.json"))
+    ap.add_argument("--check", action="store_true", help="compare with --out and --bank-out instead of writing them")
     args = ap.parse_args(argv)
     try:
-        new = derive_new_classes(load_labels(args.k400), load_labels(args.k600))
-    except (LabelsError, ValueError) as e:
+        k600 = load_labels(args.k600)
+        new = derive_new_classes(load_labels(args.k400), k600)
+        prompts, provenance = derive_k600_bank(read_bank_file(args.k400_bank), read_bank_file(args.new_bank), k600)
+    except (LabelsError, BankError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     text = to_csv(new)
-    out = Path(args.out)
+    out, bank_out = Path(args.out), Path(args.bank_out)
     if args.check:
-        if not out.exists() or out.read_text(encoding="utf-8") != text:
-            print(f"{out} is out of date: run python -m tools.derive_k600_new", file=sys.stderr)
+        stale = [] if out.exists() and out.read_text(encoding="utf-8") == text else [out]
+        if not bank_out.exists() or read_bank_file(bank_out) != {
+                "provenance": provenance, "classes": [{"id": i, "name": n, "prompts": p}
+                                                      for i, (n, p) in enumerate(zip(k600, prompts))]}:
+            stale.append(bank_out)
+        if stale:
+            print(f"{', '.join(map(str, stale))} out of date: run python -m tools.derive_k600_new", file=sys.stderr)
             return 1
-        print(f"{out}: up to date ({len(new)} classes)")
+        print(f"{out}: up to date ({len(new)} classes); {bank_out}: up to date ({len(k600)} classes)")
         return 0
     out.write_text(text, encoding="utf-8")
-    print(f"wrote {out}: {len(new)} classes")
+    save_bank(bank_out, k600, prompts, provenance)
+    print(f"wrote {out}: {len(new)} classes; {bank_out}: {len(k600)} classes")
     return 0
 
 

@@ -116,8 +116,11 @@ def run(args: argparse.Namespace) -> dict:
         data.val_shards = shards
         loader = build_loader(data, "val", dist_env.rank, dist_env.world_size, ev.seed,
                               num_classes=bank.num_classes, device=dist_env.device.type, views=views)
-        r = evaluate(model, loader, text, dist_env.device, progress=dist_env.is_main, keep_predictions=True,
-                     class_subsets=subsets)
+        try:
+            r = evaluate(model, loader, text, dist_env.device, progress=dist_env.is_main, keep_predictions=True,
+                         class_subsets=subsets)
+        finally:
+            loader.close()  # its workers ignore job signals: an exit would wait on them
         r["shards"] = shards
         r["skipped"] = getattr(loader, "skipped", None) and len(loader.skipped)
         log.info("%s: top-1 %.2f%% top-5 %.2f%% on %d videos (%dx%d views)", shards, 100 * r["top1"],

@@ -1,16 +1,21 @@
 """Pack videos into webdataset shards that the CLAVER loaders read (``claver_dist.data``).
 
     python tools/make_shards.py ANNOTATIONS --root VIDEO_DIR --labels LABELS_CSV \\
-        --out shards/k400 --split train [--codec h264|vp9] [--copy] [--short-side 320]
+        --out shards/k400 --split train [--codec h264|vp9] [--copy] [--short-side 256]
 
-ANNOTATIONS is a list file (``relative/path.ext label_id`` lines), a Kinetics CSV
-(``label,youtube_id,time_start,time_end,split``) or a folder with one sub-folder per
-class; LABELS_CSV is ``id,name`` (optional for a folder tree). Run once per split into
-the same OUT folder.
+ANNOTATIONS is a list file (``relative/path.ext label_id`` lines, ids 0-based), a
+Kinetics-400/600/700 CSV, UCF-101's ``trainlistNN.txt``/``testlistNN.txt`` (with
+``classInd.txt`` beside them), HMDB-51's ``testTrainMulti_7030_splits`` folder (with
+``--split-id N --subset train|test``), Something-Something v2's
+``something-something-v2-{train,validation}.json`` (with ``labels.json`` beside them), or a
+folder with one sub-folder per class. The format is detected from the name and content
+(``--format`` names it); every class is mapped by name onto LABELS_CSV (``id,name``;
+optional for a folder tree). Run once per split into the same OUT folder.
 
 Every input is decoded in full first (not decodable, no video stream, zero frames or
 truncated -> rejected with the reason). By default it is then re-encoded for fast
-sparse seeking: short side at most 320, constant frame rate, closed GOPs with a
+sparse seeking: short side at most 256 (what the 224-px recipes consume; use
+``--short-side 384`` for 336-px models), constant frame rate, closed GOPs with a
 keyframe every 12 frames, 8-bit yuv420p, H.264 in mp4 (``--codec vp9``: VP9 in webm,
 which DALI can also decode on the CPU); ``--copy`` stores the original bytes. The
 output is decoded again to store its exact frame count. Per sample the shard holds the
@@ -23,6 +28,13 @@ atomically with its DALI index (``.idx``, the ``wds2idx`` format) and a build re
 re-running the same command skips finished shards and continues. ``OUT/manifest.json``
 gets per-split/per-class counts, encode settings, the seed and every rejected input with
 its reason. Exit status: 0 when at least one sample was written.
+
+Each split also gets a compact index, ``OUT/{split}.index/`` (flat arrays the loaders
+memory-map and share between processes; format in ``claver_dist/data/shards.py``), named
+in the manifest. For a shard set built before it existed, or after editing its shard
+list, ``--reindex`` writes it from the ``.idx`` files without re-encoding anything::
+
+    python tools/make_shards.py --reindex shards/k400
 """
 
 from __future__ import annotations
@@ -41,8 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from claver_dist.data.annotations import Input, Rejected, read_inputs, read_labels
-from claver_dist.data.shards import FORMAT, MANIFEST, ShardWriter, dump_json, load_manifest, sample_key
+from claver_dist.data.annotations import FORMATS, Input, Options, Rejected, detect_format, read_inputs, read_labels
+from claver_dist.data.shards import (FORMAT, MANIFEST, ShardError, ShardWriter, dump_json, load_manifest, sample_key,
+                                     write_split_index)
 from claver_dist.data.video import EncodeSettings, VideoError, encode, ffmpeg_available, probe, target_fps
 
 
@@ -53,16 +66,39 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
+def add_annotation_args(p: argparse.ArgumentParser) -> None:
+    """The options of claver_dist.data.annotations.Options; make_fewshot reads files the same way."""
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="annotation format (default: detected from the name and content; docs/data.md)")
+    p.add_argument("--one-based", action="store_true", help="list format: the label ids count from 1")
+    p.add_argument("--class-index", default=None,
+                   help="ucf101: classInd.txt, ssv2: labels.json (default: beside the annotation file)")
+    p.add_argument("--split-id", type=int, default=None, help="hmdb51: the split N of *_test_splitN.txt")
+    p.add_argument("--subset", choices=["train", "test"], default=None, help="hmdb51: tag 1 (train) or 2 (test)")
+
+
+def annotation_options(args: argparse.Namespace) -> Options:
+    return Options(fmt=args.format, split_id=args.split_id, subset=args.subset, one_based=args.one_based,
+                   class_index=args.class_index)  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("annotations", help="list file, Kinetics CSV, or folder with one sub-folder per class")
+    p.add_argument("annotations", nargs="?", help="list file, UCF-101 split list, HMDB-51 split folder, SSv2 JSON, "
+                                                    "Kinetics CSV, or folder with one sub-folder per class")  # fmt: skip
+    p.add_argument("--reindex", metavar="OUT", default=None,
+                   help="only (re)write the compact index of every split of the shard set OUT from its .idx files")
     p.add_argument("--root", default=None, help="folder the annotation paths are relative to (default: its folder)")
     p.add_argument("--labels", default=None, help="id,name CSV (optional for a class-folder tree)")
+    add_annotation_args(p)
     p.add_argument("--out", default=None, help="output folder (default: shards/<annotations name>)")
-    p.add_argument("--split", default="train", help="split name for shard files and manifest (default: train)")
+    p.add_argument("--split", default="train",
+                   help="split name for shard files and manifest, and the rows of a Kinetics CSV (default: train)")
     p.add_argument("--codec", choices=["h264", "vp9"], default="h264", help="re-encode codec (default: h264)")
     p.add_argument("--copy", action="store_true", help="store the original bytes instead of re-encoding")
-    p.add_argument("--short-side", type=int, default=320, help="downscale to this short side (0: keep; default 320)")
+    p.add_argument("--short-side", type=int, default=EncodeSettings().short_side,
+                   help=f"downscale to this short side (0: keep; default {EncodeSettings().short_side}, what 224-px "
+                        "models consume; 384 for 336-px models)")  # fmt: skip
     p.add_argument("--fps", type=float, default=0.0, help="constant output frame rate (default: the source's)")
     p.add_argument("--keyint", type=int, default=12, help="keyframe interval in frames (default 12)")
     p.add_argument("--crf", type=int, default=-1, help="quality (default: 23 for h264, 32 for vp9)")
@@ -73,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="delete this split's shards and start over")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.reindex is not None:
+        if a.annotations is not None:
+            p.error("--reindex takes no annotations: it reads the shard set's manifest and .idx files")
+        return a
+    if a.annotations is None:
+        p.error("the annotations argument is required (or --reindex OUT)")
     if a.out is None:
         a.out = str(Path("shards") / Path(a.annotations).stem)
     if not re.fullmatch(r"[A-Za-z0-9_]+", a.split):
@@ -114,6 +156,9 @@ def process(job: tuple[Input, str, str, dict]) -> dict:
         "frames": info.frames, "fps": fps, "width": info.width, "height": info.height,
         "duration": round(info.frames / fps, 4) if fps else info.duration, "codec": info.codec,
         "cfr": cfr, "keyint": keyint, "bytes": len(data), "crc32": zlib.crc32(data),
+        # a display rotation survives only --copy (re-encoding writes upright frames); width
+        # and height are the upright size either way
+        "rotation": info.rotation,
     }  # fmt: skip
     ext = settings.ext() or (inp.path.suffix[1:].lower() or "mp4")
     return {"key": key, "label": inp.label, "source": inp.rel, "ext": ext, "data": data, "meta": meta}
@@ -156,7 +201,10 @@ def _finished_shards(out: Path, split: str, plan: str) -> list[dict]:
 def build(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     labels = read_labels(args.labels) if args.labels else None
-    inputs, rejected, classes = read_inputs(args.annotations, args.root, labels, args.split)
+    if Path(args.annotations).exists():
+        fmt = detect_format(args.annotations) if args.format == "auto" else args.format
+        print(f"make_shards: reading {args.annotations} as {fmt}", file=sys.stderr)
+    inputs, rejected, classes = read_inputs(args.annotations, args.root, labels, args.split, annotation_options(args))
     settings = EncodeSettings(
         codec="copy" if args.copy else args.codec, short_side=args.short_side, fps=args.fps,
         keyint=args.keyint, crf=args.crf,
@@ -291,6 +339,7 @@ def _write_manifest(out: Path, args: argparse.Namespace, classes: list[str], set
         "num_shards": len(shards),
         "per_class": per_class,
         "shards": shards,
+        **({"index": write_split_index(out, args.split, shards)} if shards else {}),
         "encode": settings.to_dict(),
         "seed": args.seed,
         "annotations": str(args.annotations),
@@ -304,14 +353,39 @@ def _write_manifest(out: Path, args: argparse.Namespace, classes: list[str], set
         encode=settings.to_dict(),
         rejected=[dict(r, split=s) for s, sp in sorted(manifest["splits"].items()) for r in sp["rejected"]],
     )
+    _save_manifest(path, manifest)
+    return manifest
+
+
+def _save_manifest(path: Path, manifest: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path)
-    return manifest
+
+
+def reindex(folder: Path) -> int:
+    """Write the compact index of every split of an existing shard set, and name it in the manifest."""
+    manifest = load_manifest(folder)
+    for split, entry in sorted(manifest.get("splits", {}).items()):
+        if not entry.get("shards"):
+            entry.pop("index", None)
+            continue
+        t0 = time.perf_counter()
+        entry["index"] = write_split_index(folder, split, entry["shards"])
+        print(f"{folder}: split {split}: compact index of {entry['index']['num_samples']} samples written to "
+              f"{entry['index']['path']} in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    _save_manifest(folder / MANIFEST, manifest)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reindex is not None:
+        try:
+            return reindex(Path(args.reindex))
+        except (ValueError, OSError) as e:  # ShardError is a ValueError
+            print(f"make_shards: error: {e}", file=sys.stderr)
+            return 2
     try:
         manifest = build(args)
     except (ValueError, OSError) as e:

@@ -2,7 +2,8 @@
 
 Both loader backends draw a sample's augmentation here, in Python, from the sample's own
 random stream (``sampling.sample_rng``), and apply it with the same semantics: the CPU
-backend in torch (``apply_views``), the DALI backend with GPU operators (``dali.py``).
+backend in torch (``crop_resize`` in its workers, uint8; ``finish_views`` batched where the
+model runs), the DALI backend with GPU operators (``dali.py``).
 So a sample gets the same crop, flip and colours on both, and the images agree up to
 resampling and YUV->RGB rounding.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -170,6 +172,59 @@ def draw_params(
 # --------------------------------------------------------------------------- torch application
 
 
+def crop_resize(frames: np.ndarray | torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+    """Steps 1 of the contract: uint8 ``[F, H, W, 3]`` -> uint8 ``[len(boxes), F, 3, size, size]``.
+
+    Resizing runs on uint8 in channels-last layout (torch's vectorised antialias path,
+    ~10x faster than float) and rounds to integers, which costs at most half a grey level.
+    What is left (flip, colour, normalisation: :func:`finish_views`) is per-pixel work that
+    runs batched where the model runs, so a quarter of the bytes cross to the device."""
+    x = torch.as_tensor(frames)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 [F, H, W, 3] frames, got {x.dtype} {tuple(x.shape)}")
+    views = []
+    for x0, y0, w, h in params.boxes:
+        # a view, not a copy: channels-last strides, the layout torch's fast uint8 resize wants
+        v = rearrange(x[:, y0 : y0 + h, x0 : x0 + w], "f h w c -> f c h w")
+        if (h, w) != (size, size):
+            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        views.append(v.contiguous())
+    return torch.stack(views)
+
+
+def finish_views(
+    pixels: torch.Tensor,
+    color: torch.Tensor,
+    offset: torch.Tensor,
+    flip: torch.Tensor,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+) -> torch.Tensor:
+    """Steps 2-4 of the contract for a batch, on the tensors' device: uint8 ``[B, ..., 3, S, S]``
+    -> float32 of the same shape; ``color [B, 3, 3]``, ``offset [B, 3]`` and ``flip [B]``
+    (bool) per sample. One batched op with no host synchronisation."""
+    if pixels.dtype != torch.uint8 or pixels.shape[-3] != 3:
+        raise ValueError(f"expected uint8 [B, ..., 3, S, S] pixels, got {pixels.dtype} {tuple(pixels.shape)}")
+    B, dev = pixels.shape[0], pixels.device
+    flip = flip.to(dev).view(B, *[1] * (pixels.ndim - 1))
+    x = torch.where(flip, pixels.flip(-1), pixels)  # on uint8: a quarter of the bytes
+    shape = x.shape
+    x = x.reshape(B, -1, 3, shape[-2] * shape[-1]).float()  # [B, N, 3, P], contiguous
+    # rgb' = M @ rgb + o per pixel: one batched [3, 3] x [3, P] product per frame
+    m = color.to(dev, torch.float32)[:, None]                    # [B, 1, 3, 3]
+    o = offset.to(dev, torch.float32)[:, None, :, None]          # [B, 1, 3, 1]
+    x = torch.matmul(m, x).add_(o).clamp_(0, 255)
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=dev))
+    shift = -torch.tensor(mean, dtype=torch.float32, device=dev) / torch.tensor(std, dtype=torch.float32, device=dev)
+    x = x.mul_(scale.view(3, 1)).add_(shift.view(3, 1))
+    return x.view(shape)
+
+
+def sample_colors(params: ViewParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(color [3, 3], offset [3], flip [])`` of one sample, as :func:`finish_views` takes them."""
+    return torch.from_numpy(params.color), torch.from_numpy(params.offset), torch.tensor(params.flip)
+
+
 def apply_views(
     frames: np.ndarray | torch.Tensor,
     params: ViewParams,
@@ -177,41 +232,25 @@ def apply_views(
     mean: tuple[float, ...] = CLIP_MEAN,
     std: tuple[float, ...] = CLIP_STD,
 ) -> torch.Tensor:
-    """uint8 ``[F, H, W, 3]`` -> float32 ``[len(boxes), F, 3, size, size]`` (the contract above).
-
-    Resizing runs on uint8 in channels-last layout (torch's vectorised antialias path,
-    ~10x faster than float) and rounds to integers, which costs at most half a grey
-    level; colour, clamp and normalisation are then one [N, 3] x [3, 3] product.
-    """
-    x = torch.as_tensor(frames)
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 [F, H, W, 3] frames, got {x.dtype} {tuple(x.shape)}")
-    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))
-    shift = -torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
-    color = None if params.identity_color else torch.from_numpy(params.color).T.contiguous()
-    offset = torch.from_numpy(params.offset)
-    views = []
-    for x0, y0, w, h in params.boxes:
-        v = x[:, y0 : y0 + h, x0 : x0 + w].permute(0, 3, 1, 2)  # [F, 3, h, w], channels-last strides
-        if (h, w) != (size, size):
-            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        if params.flip:
-            v = v.flip(-1)
-        pix = v.permute(0, 2, 3, 1).reshape(-1, 3).float()  # [F*S*S, 3]
-        if color is not None:
-            pix = (pix @ color).add_(offset).clamp_(0, 255)
-        pix = pix.mul_(scale).add_(shift)
-        views.append(pix.view(x.shape[0], size, size, 3).permute(0, 3, 1, 2))
-    return torch.stack(views)
+    """uint8 ``[F, H, W, 3]`` -> float32 ``[len(boxes), F, 3, size, size]`` (the whole contract,
+    one sample): :func:`crop_resize` then :func:`finish_views`."""
+    v = crop_resize(frames, params, size)
+    color, offset, flip = sample_colors(params)
+    return finish_views(v[None], color[None], offset[None], flip[None], mean, std)[0]
 
 
 # --------------------------------------------------------------------------- mixup / cutmix
 
 
 class VideoMixup:
-    """Mixup/cutmix (timm) or plain label smoothing for video batches ``[B, T, 3, S, S]``.
+    """Mixup/cutmix or plain label smoothing for video batches ``[B, T, 3, S, S]``, as the
+    official CLAVER release blends (its ``CutmixMixupBlending``): targets are smoothed
+    one-hots; with probability ``prob`` a batch is blended, by cutmix with probability
+    ``switch_prob`` (else mixup), with a random permutation of itself (a sample may draw
+    itself, and a batch of one is left as it is); ``lam ~ Beta(alpha, alpha)``; cutmix
+    pastes one box, the same in every frame, and corrects ``lam`` to the pasted area.
 
-    timm draws from numpy's global generator. With ``seed=None`` that is kept: the caller
+    Draws come from numpy's global generator. With ``seed=None`` that is kept: the caller
     controls the draws by seeding numpy (e.g. per step and rank, which also makes them
     resumable). With an integer seed the wrapper swaps in its own generator state for
     each call, independent of other numpy users, resumable through ``state_dict``.
@@ -219,34 +258,46 @@ class VideoMixup:
 
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
                  prob: float, label_smoothing: float, seed: int | None = None):  # fmt: skip
-        from timm.data.mixup import Mixup
-
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.switch_prob = switch_prob if mixup_alpha > 0 and cutmix_alpha > 0 else float(cutmix_alpha > 0)
+        self.prob = prob
         self.active = (mixup_alpha > 0 or cutmix_alpha > 0) and prob > 0
-        self._mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                            mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)  # fmt: skip
         self._state = None if seed is None else np.random.RandomState(seed).get_state()
 
     def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = smooth_one_hot(label, self.num_classes, self.label_smoothing)
         if not self.active:
-            return video, _smooth_one_hot(label, self.num_classes, self.label_smoothing)
-        if video.shape[0] % 2:
-            raise ValueError(f"mixup/cutmix pairs a batch with its reverse: batch size must be even, got {video.shape[0]}")
-        shape = video.shape
-        # timm's cutmix indexes x[:, :, y, x]: fold frames into channels so boxes are spatial
-        flat = video.reshape(shape[0], -1, shape[-2], shape[-1])
+            return video, target
         if self._state is None:
-            flat, target = self._mixup(flat, label)
-            return flat.reshape(shape), target
+            return self._blend(video, target)
         outer = np.random.get_state()
         np.random.set_state(self._state)
         try:
-            flat, target = self._mixup(flat, label)
+            return self._blend(video, target)
         finally:
             self._state = np.random.get_state()
             np.random.set_state(outer)
-        return flat.reshape(shape), target
+
+    def _blend(self, video: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if np.random.rand() >= self.prob:
+            return video, target
+        cutmix = np.random.rand() < self.switch_prob
+        lam = float(np.random.beta(*(2 * [self.cutmix_alpha if cutmix else self.mixup_alpha])))
+        partner = torch.from_numpy(np.random.permutation(video.shape[0])).to(video.device)
+        if cutmix:
+            h, w = video.shape[-2:]
+            cut_w, cut_h = int(w * math.sqrt(1 - lam)), int(h * math.sqrt(1 - lam))
+            cx, cy = int(np.random.randint(w)), int(np.random.randint(h))
+            x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            video = video.clone()
+            video[..., y1:y2, x1:x2] = video[partner][..., y1:y2, x1:x2]
+            lam = 1 - (x2 - x1) * (y2 - y1) / (w * h)
+        else:
+            video = lam * video + (1 - lam) * video[partner]
+        return video, lam * target + (1 - lam) * target[partner]
 
     def state_dict(self) -> dict:
         if self._state is None:
@@ -260,10 +311,11 @@ class VideoMixup:
             self._state = (d["name"], np.asarray(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], d["cached"])
 
 
-def _smooth_one_hot(label: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Hard labels -> smoothed one-hot targets (timm's convention: off = s / C, on = 1 - s + s / C)."""
     off = smoothing / num_classes
-    out = torch.full((label.shape[0], num_classes), off, device=label.device)
-    return out.scatter_(1, label.long().view(-1, 1), 1.0 - smoothing + off)
+    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return out.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
 
 
 def build_mixup(
@@ -277,10 +329,10 @@ def build_mixup(
 ) -> VideoMixup:
     """``(video [B,T,3,S,S], label [B]) -> (video, soft targets [B, C])``; rows sum to 1.
 
-    With both alphas 0 (or prob 0) it only applies label smoothing; otherwise timm's
-    Mixup mixes the batch with its reverse and smooths the mixed targets, as the
-    reference recipe does. Draws come from numpy's global generator (seed it per step
-    and rank), or from a private one when ``seed`` is given.
+    With both alphas 0 (or prob 0) it only applies label smoothing; otherwise it blends
+    the batch with a random permutation of itself as the official release does (any batch
+    size, 1 included). Draws come from numpy's global generator (seed it per step and
+    rank), or from a private one when ``seed`` is given.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")

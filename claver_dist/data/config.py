@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from claver_dist.errors import require
+
 
 @dataclass
 class DataConfig:
@@ -23,9 +25,6 @@ class DataConfig:
     batch_size: int = 8
     # CPU backend: DataLoader worker processes; DALI backend: DALI CPU threads.
     num_workers: int = 4
-    # Unused: the loader draws an exact per-epoch permutation of all samples (needed for
-    # exact resumption and disjoint ranks), so there is no streaming shuffle buffer.
-    shuffle_buffer: int = 500
     # batches prepared ahead (per CPU worker / in flight in the DALI pipeline).
     prefetch: int = 2
     # check every video's size and crc32 against its metadata before decoding, so that
@@ -42,19 +41,13 @@ class DataConfig:
     grayscale_prob: float = 0.2
 
     def validate(self) -> None:
-        from claver_dist.config import ConfigError
-
         for name in ("num_frames", "image_size", "batch_size", "prefetch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if not self.crop_scales or any(not 0 < s <= 1 for s in self.crop_scales):
-            raise ConfigError(f"data.crop_scales must be in (0, 1], got {self.crop_scales}")
+            require(getattr(self, name) >= 1, f"data.{name}", ">= 1", getattr(self, name))
+        require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        require(bool(self.crop_scales) and all(0 < s <= 1 for s in self.crop_scales), "data.crop_scales",
+                "in (0, 1]", self.crop_scales)
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"data.{name} must be a probability, got {getattr(self, name)}")
-        if len(self.color_jitter) != 4 or any(v < 0 for v in self.color_jitter):
-            raise ConfigError(f"data.color_jitter must be 4 non-negative numbers, got {self.color_jitter}")
-        if self.max_distort < 0:
-            raise ConfigError(f"data.max_distort must be >= 0, got {self.max_distort}")
+            require(0 <= getattr(self, name) <= 1, f"data.{name}", "a probability", getattr(self, name))
+        require(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter), "data.color_jitter",
+                "4 non-negative numbers", self.color_jitter)
+        require(self.max_distort >= 0, "data.max_distort", ">= 0", self.max_distort)

@@ -1,6 +1,6 @@
 """DALI backend: decode and augment on the GPU ('mixed' NVDEC) or, for VP8/VP9/MJPEG, the CPU.
 
-The loader's plan (``loader.py``) decides which samples form each batch, their frame
+The shared plan (``plan.py``) decides which samples form each batch, their frame
 indices and their augmentation; this module reads each sample's bytes from its shard
 (by offset, through the shard's DALI index) and feeds the batch to a DALI pipeline
 through ``external_source``:
@@ -22,7 +22,7 @@ when the shard was written) raises a critical error; the pipeline object is then
 The backend rebuilds it, re-runs the batches that were in flight one at a time, and
 when one fails again it runs that batch's samples one by one in fresh pipelines to find
 the culprits. Those are skipped (and remembered, so later epochs never feed them
-again); the batch is completed by the loader's policy. Rebuilding a CPU pipeline takes
+again); the batch is completed by the plan's policy. Rebuilding a CPU pipeline takes
 ~10 ms, so this costs nothing until a bad sample appears.
 """
 
@@ -38,8 +38,10 @@ import torch
 
 from claver_dist.data.augment import CLIP_MEAN, CLIP_STD
 from claver_dist.data.config import DataConfig
-from claver_dist.data.loader import BatchJob, Prepared, SampleContext, SampleResult, assemble, empty_shape, prepare
-from claver_dist.data.shards import SampleError, ShardSet
+from claver_dist.data import plan
+from claver_dist.data.plan import BatchJob, Prepared, SampleResult
+from claver_dist.data.shards import ShardSet
+from claver_dist.errors import SampleError
 
 try:
     import nvidia.dali.fn as fn
@@ -66,7 +68,7 @@ class _Fed:
 
 
 class DaliBackend:
-    def __init__(self, shards: ShardSet, ctx: SampleContext, cfg: DataConfig, device: str):
+    def __init__(self, shards: ShardSet, ctx: plan.SampleContext, cfg: DataConfig, device: str):
         self.shards, self.ctx = shards, ctx
         self.size = cfg.image_size
         self.batch_size = cfg.batch_size
@@ -169,27 +171,22 @@ class DaliBackend:
         return torch.from_numpy(np.array(tl))
 
     def _views(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, (crops,) clips*T, 3, S, S] -> [n, T, 3, S, S] or [n, clips*crops, T, 3, S, S]."""
-        clips, crops, t = self.ctx.clips, self.ctx.crops, self.ctx.num_frames
-        if (clips, crops) == (1, 1):
-            return x
-        n, s = x.shape[0], x.shape[-1]
-        x = x.reshape(n, crops, clips, t, 3, s, s).transpose(1, 2)
-        return x.reshape(n, clips * crops, t, 3, s, s)
+        return plan.to_views(x, self.ctx.clips, self.ctx.crops, self.ctx.num_frames)
 
     # -- running batches
     def _read(self, job: BatchJob, epoch: int) -> _Fed:
         fed = _Fed(job, [])
         for slot, gid in enumerate(job.gids):
-            if gid < 0:
-                fed.slots.append(SampleResult(gid, ""))
+            final = plan.slot_result(self.shards, gid, job)
+            if final is not None:
+                fed.slots.append(final)
                 continue
             key = self.shards.keys[gid]
-            if gid in job.known_bad:
-                fed.slots.append(SampleResult(gid, key, error=job.known_bad[gid]))
-                continue
             try:
-                p = prepare(self.shards, gid, epoch, self.ctx)
+                p = plan.prepare(self.shards, gid, epoch, self.ctx)
+                if int(p.meta.get("rotation", 0)):
+                    raise SampleError(f"stored with a display rotation of {p.meta['rotation']} degrees (make_shards "
+                                      "--copy), which DALI's decoder does not apply: rebuild without --copy")
             except SampleError as e:
                 fed.slots.append(SampleResult(gid, key, error=str(e)))
                 continue
@@ -230,22 +227,13 @@ class DaliBackend:
         fed.prepared = []
 
     def _finish(self, fed: _Fed, epoch: int) -> dict[str, Any]:
-        def fetch_more():
-            skipped = []
-            for gid in fed.job.lookahead:
-                if gid in fed.job.known_bad:
-                    continue
-                extra = self._read(BatchJob(epoch, -1, [gid]), epoch)
-                if extra.prepared:
-                    self._run_isolated(extra)
-                r = extra.slots[0]
-                if r.video is not None:
-                    return [r], skipped
-                skipped.append((r.gid, r.key, r.error))
-            return [], skipped
+        def load_one(gid: int) -> SampleResult:
+            extra = self._read(BatchJob(epoch, -1, [gid], known_bad=fed.job.known_bad), epoch)
+            if extra.prepared:
+                self._run_isolated(extra)
+            return extra.slots[0]
 
-        shape = empty_shape(self.ctx, self.size)
-        return assemble(fed.job, fed.slots, self.ctx.train, shape, self.device, fetch_more)
+        return plan.finish_batch(fed.job, fed.slots, self.ctx, self.size, self.device, load_one)
 
     def run(self, jobs: Iterator[BatchJob], epoch: int) -> Iterator[dict[str, Any]]:
         # One batch runs in DALI while the consumer works on the previous one; `prefetch`

@@ -48,20 +48,16 @@ import numpy as np
 # horizontal flip, so the reference augmentation (flip p=0.5) keeps their labels true;
 # the last 4 are mirror images of each other (a flipped "moving right" clip is a "moving
 # left" clip): use them only with data.flip_prob=0.
-MOTION_CLASSES = [
-    ("moving down", "translate_y", False),
-    ("moving up", "translate_y", True),
-    ("growing", "scale", False),
-    ("shrinking", "scale", True),
-    ("fading in", "fade", False),
-    ("fading out", "fade", True),
-    ("coming together", "converge", False),
-    ("moving apart", "converge", True),
-    ("moving right", "translate_x", False),
-    ("moving left", "translate_x", True),
-    ("rotating clockwise", "rotate", False),
-    ("rotating counter-clockwise", "rotate", True),
+_MOTION_PAIRS = [  # (forward name, time-reversed name, motion kind)
+    ("moving down", "moving up", "translate_y"),
+    ("growing", "shrinking", "scale"),
+    ("fading in", "fading out", "fade"),
+    ("coming together", "moving apart", "converge"),
+    ("moving right", "moving left", "translate_x"),
+    ("rotating clockwise", "rotating counter-clockwise", "rotate"),
 ]
+MOTION_CLASSES = [(name, kind, reverse) for forward, backward, kind in _MOTION_PAIRS
+                  for name, reverse in ((forward, False), (backward, True))]
 FLIP_SAFE_CLASSES = 8
 
 
@@ -188,17 +184,21 @@ def _shape_points(kind: str, cx: float, cy: float, r: float, angle: float) -> np
     return arr if area > 0 else arr[::-1]
 
 
+def _colours(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """A static colour-textured background (no motion cue) ``[h, w, 3]`` and a contrasting
+    foreground colour ``[3]``."""
+    bg = rng.integers(0, 110, 3)
+    tex = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    return np.clip(bg + tex, 0, 255), rng.integers(150, 256, 3).astype(np.float64)
+
+
 def motion_frames(label: int, rng: np.random.Generator, spec: MotionSpec = MotionSpec()) -> np.ndarray:
     """One ``[T, H, W, 3]`` uint8 clip of class ``label`` (index into MOTION_CLASSES)."""
     _, kind, reverse = MOTION_CLASSES[label]
     w, h = spec.width, spec.height
     t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
     size = min(w, h)
-    # background: a static colour texture (no motion cue), foreground: a contrasting colour
-    bg = rng.integers(0, 110, 3)
-    tex = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
-    background = np.clip(bg + tex, 0, 255)
-    fg = rng.integers(150, 256, 3).astype(np.float64)
+    background, fg = _colours(rng, w, h)
     shape = str(rng.choice(["triangle"] if kind == "rotate" else ["square", "disk", "triangle"]))
     r = size * rng.uniform(0.12, 0.2)
     angle0 = rng.uniform(0, 2 * math.pi)
@@ -255,10 +255,7 @@ def size_order_frames(label: int, rng: np.random.Generator, spec: MotionSpec = M
     w, h = spec.width, spec.height
     t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
     size = min(w, h)
-    bg = rng.integers(0, 110, 3)
-    tex = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
-    background = np.clip(bg + tex, 0, 255)
-    fg = rng.integers(150, 256, 3).astype(np.float64)
+    background, fg = _colours(rng, w, h)
     shape = str(rng.choice(["square", "disk", "triangle"]))
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h

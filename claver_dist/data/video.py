@@ -10,6 +10,10 @@ with short GOPs (what the builder writes) the decoder seeks to the keyframe befo
 far-away index instead of decoding everything in between; indices are then recovered
 from timestamps, which is exact only for CFR, so other streams are decoded
 sequentially.
+
+PyAV, not torchcodec: on these shards torchcodec's CPU decoder gives bitwise the same
+frames at the same clips/s per core (same FFmpeg underneath; docs/benchmarks.md, "Decode
+speed per core"), so it would be a dependency with no gain.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import numpy as np
 
 from av.video.reformatter import VideoReformatter
 
+from claver_dist.errors import VideoError
+
 av.logging.set_level(av.logging.PANIC)  # corrupt inputs are reported by exceptions, not stderr spam
 
 # One reformatter per process: frame.to_ndarray(format=...) builds a new swscale context per
@@ -34,15 +40,24 @@ av.logging.set_level(av.logging.PANIC)  # corrupt inputs are reported by excepti
 _REFORMATTER: VideoReformatter | None = None
 
 
+def _rotation(frame) -> int:
+    """The frame's display rotation (degrees counter-clockwise, as FFmpeg's display matrix
+    says: 0, 90, 180 or 270). Phone clips store portrait video as landscape plus this."""
+    return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+
+
+def _upright(frame, rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` turned as FFmpeg shows it (its autorotate): frames come out upright whatever
+    the container's display matrix says, with or without re-encoding."""
+    k = _rotation(frame) // 90
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
 def _rgb(frame) -> np.ndarray:
     global _REFORMATTER
     if _REFORMATTER is None:
         _REFORMATTER = VideoReformatter()
     return _REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
-
-
-class VideoError(RuntimeError):
-    """A file is not a usable video; the message says why."""
 
 
 @dataclass
@@ -54,6 +69,9 @@ class VideoInfo:
     duration: float
     codec: str
     declared_frames: int  # what the container claims (0 = unknown)
+    # display rotation of the stored frames (degrees counter-clockwise); width and height
+    # above are the upright (displayed) size, as every decoder here returns the frames
+    rotation: int = 0
 
 
 def _reason(e: BaseException) -> str:
@@ -102,9 +120,11 @@ def probe(src: str | Path | bytes, threads: int = 0) -> VideoInfo:
         stream.thread_type = "AUTO" if threads != 1 else "SLICE"
         if threads:
             stream.codec_context.thread_count = threads
-        n = 0
+        n, rotation = 0, 0
         try:
-            for _ in container.decode(stream):
+            for frame in container.decode(stream):
+                if n == 0:
+                    rotation = _rotation(frame)
                 n += 1
         except (av.error.FFmpegError, ValueError) as e:
             raise VideoError(f"decode error after {n} frames: {_reason(e)}") from e
@@ -116,14 +136,18 @@ def probe(src: str | Path | bytes, threads: int = 0) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         fps = float(rate)
         duration = n / fps if fps > 0 else 0.0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if rotation in (90, 270):  # stored sideways: the picture is the other way up
+            width, height = height, width
         return VideoInfo(
             frames=n,
             fps=fps,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
+            width=width,
+            height=height,
             duration=duration,
             codec=stream.codec_context.name,
             declared_frames=declared,
+            rotation=rotation,
         )
 
 
@@ -136,7 +160,8 @@ def decode_frames(
     """Frames ``indices`` (any order, repeats allowed) as uint8 ``[len(indices), H, W, 3]`` RGB.
 
     ``cfr``/``keyint`` come from the sample metadata: with a constant frame rate and a
-    known keyframe interval, gaps longer than two GOPs are crossed by seeking.
+    known keyframe interval, the decoder seeks to a target's keyframe whenever that skips
+    frames it would otherwise decode on the way.
     Raises VideoError when the stream ends before an index or cannot be decoded.
     """
     wanted = sorted(set(indices))
@@ -162,7 +187,7 @@ def _decode_sequential(container, stream, wanted: list[int], got: dict[int, np.n
     last = wanted[-1]
     for n, frame in enumerate(container.decode(stream)):
         if n in want:
-            got[n] = _rgb(frame)
+            got[n] = _upright(frame, _rgb(frame))
         if n >= last:
             return
 
@@ -180,7 +205,10 @@ def _decode_seeking(container, stream, wanted: list[int], keyint: int, got: dict
     for target in wanted:
         if target in got:
             continue
-        if it is None or target - pos > 2 * keyint:
+        # seek when the keyframe at or before target (the builder writes one every `keyint`
+        # frames from frame 0) comes after the next frame we would decode: decoding on from
+        # `pos` would cost more frames than decoding from that keyframe
+        if it is None or target - target % keyint > pos + 1:
             # seek to the keyframe at or before target (pts of frame `target`)
             pts = start + int(round(target / (rate * tb)))
             container.seek(pts, stream=stream, backward=True, any_frame=False)
@@ -191,7 +219,7 @@ def _decode_seeking(container, stream, wanted: list[int], keyint: int, got: dict
                 raise ValueError("frame without timestamp in a CFR stream")
             pos = index_of(frame)
             if pos in wanted and pos not in got:
-                got[pos] = _rgb(frame)
+                got[pos] = _upright(frame, _rgb(frame))
             if pos >= target:
                 break
         else:
@@ -206,7 +234,9 @@ class EncodeSettings:
     """How the shard builder writes videos (stored in the manifest)."""
 
     codec: Literal["h264", "vp9", "copy"] = "h264"
-    short_side: int = 320  # downscale only; 0 keeps the size
+    # downscale only; 0 keeps the size. 256 is what the 224-px recipes consume (the reference
+    # resizes the short side to S * 256/224 before its multi-scale crop); 336-px models want 384
+    short_side: int = 256
     fps: float = 0.0  # 0 keeps the source rate (made constant)
     keyint: int = 12  # closed GOP, keyframe every `keyint` frames (8-16 suits sparse seeking)
     crf: int = -1  # -1: codec default below

@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from einops import rearrange
 from tqdm import tqdm
 
+from claver_dist.distributed import all_sum, gather_objects
 from claver_dist.eval.scoring import topk_correct, view_probs
-from claver_dist.text.prompts import PromptBank, tokenize
+from claver_dist.text.prompts import PromptBank, tokenize, trim_padding
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def class_text_features(model, bank: PromptBank, device: torch.device, dtype: to
     """Normalised features of every variant of every class: ``[A, C, E]``."""
     A, C = bank.num_variants, bank.num_classes
     texts = bank.variant_texts(list(range(A)))
-    tokens = tokenize(texts)
+    tokens = trim_padding(tokenize(texts))
     feats = []
     for i in range(0, len(tokens), batch_size):
         feats.append(model.encode_text(tokens[i:i + batch_size].to(device)).float())
@@ -36,11 +37,12 @@ def class_text_features(model, bank: PromptBank, device: torch.device, dtype: to
 @torch.no_grad()
 def batch_logits(model, video: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Logits ``[B, V, A, C]`` for a batch of one (``[B, T, ...]``) or several views."""
-    views = video.dim() == 6
-    B = video.shape[0]
-    emb = model.encode_video((video.flatten(0, 1) if views else video).to(dtype)).float()  # [B*V, E]
-    A, C, E = text.shape
-    return model.logits(emb, text.reshape(A * C, E), A).float().view(B, -1, A, C)
+    if video.dim() == 5:  # one view
+        video = video[:, None]
+    emb = model.encode_video(rearrange(video, "b v t c h w -> (b v) t c h w").to(dtype)).float()
+    A = text.shape[0]
+    logits = model.logits(emb, rearrange(text, "a c e -> (a c) e"), A).float()  # [B*V, A, C]
+    return rearrange(logits, "(b v) a c -> b v a c", b=video.shape[0])
 
 
 def _valid_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -68,11 +70,12 @@ class _Tally:
 @torch.no_grad()
 def evaluate(model, loader, text: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32,
              progress: bool = False, keep_predictions: bool = False,
-             class_subsets: list[list[int]] | None = None) -> dict[str, Any]:
+             class_subsets: list[list[int]] | None = None, on_batch=None) -> dict[str, Any]:
     """Top-1/top-5 over ``loader`` (this rank's part), summed over all ranks.
 
     ``class_subsets`` (zero-shot splits): each subset is also scored on its own, with the
-    softmax over that subset's classes only and only the samples whose label is in it."""
+    softmax over that subset's classes only and only the samples whose label is in it.
+    ``on_batch()`` is called after every batch (the trainer's watchdog beat)."""
     was_training = model.training
     model.eval()
     text = text.to(device)
@@ -89,19 +92,18 @@ def evaluate(model, loader, text: torch.Tensor, device: torch.device, dtype: tor
             inside = (labels[:, None] == sub[None]).any(dim=1) & valid
             local = (labels[:, None] == sub[None]).float().argmax(dim=1)  # label's position in the subset
             t.add(view_probs(logits[..., sub]), local, inside)
+        if on_batch is not None:  # progress, for a hang watchdog
+            on_batch()
         if keep_predictions:
             keys = batch.get("key", [""] * len(labels))
             for i in valid.nonzero().flatten().tolist():
                 preds.append((keys[i], int(labels[i]), probs[i].tolist()))
-    counts = torch.tensor([tally.values()] + [t.values() for t in split_tallies], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-        if keep_predictions:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, preds)
-            preds = [p for part in gathered for p in part]
+    counts = all_sum([v for t in [tally, *split_tallies] for v in t.values()], device)
+    if keep_predictions:
+        preds = [p for part in gather_objects(preds) for p in part]
     model.train(was_training)
-    rows = [{"top1": h1 / max(n, 1), "top5": h5 / max(n, 1), "num_samples": int(n)} for h1, h5, n in counts.tolist()]
+    rows = [{"top1": h1 / max(n, 1), "top5": h5 / max(n, 1), "num_samples": int(n)}
+            for h1, h5, n in zip(counts[0::3], counts[1::3], counts[2::3])]
     out = dict(rows[0])
     if class_subsets:
         out["splits"] = rows[1:]

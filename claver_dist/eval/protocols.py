@@ -3,6 +3,7 @@ K-shot training lists, and summaries (mean and std over splits, as papers report
 
     splits = class_splits(num_classes=220, size=160, num_splits=3, seed=0)  # Kinetics-600 new classes
     lines = few_shot_lines(annotation_lines, k=4, seed=0)                    # K videos per class
+    picked = few_shot_indices([e.label for e in entries], k=4, seed=0)       # the same, over any items
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ def parse_annotation_line(line: str, where: str = "") -> tuple[str, int]:
     return parts[0], int(parts[1])
 
 
-def few_shot_lines(lines: list[str], k: int, seed: int = 0, source: str = "annotations") -> list[str]:
-    """K lines per class, drawn without replacement by ``seed`` (all of a class if it has fewer)."""
-    by_class: dict[int, list[str]] = defaultdict(list)
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            _, label = parse_annotation_line(line, f"{source}:{i}")
-            by_class[label].append(line.strip())
+def few_shot_indices(labels: list[int], k: int, seed: int = 0) -> list[int]:
+    """Indices of K items per class, drawn without replacement by ``seed`` (all of a class if it
+    has fewer); classes in id order, each class's items in their input order."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
     rng = np.random.default_rng([seed, k])
     out = []
     for label in sorted(by_class):
@@ -43,6 +43,13 @@ def few_shot_lines(lines: list[str], k: int, seed: int = 0, source: str = "annot
         pick = rng.choice(len(items), size=min(k, len(items)), replace=False)
         out.extend(items[j] for j in sorted(pick))
     return out
+
+
+def few_shot_lines(lines: list[str], k: int, seed: int = 0, source: str = "annotations") -> list[str]:
+    """K lines per class of ``path label_id`` lines (``few_shot_indices``)."""
+    kept = [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip()]
+    labels = [parse_annotation_line(line, f"{source}:{i}")[1] for i, line in kept]
+    return [kept[j][1] for j in few_shot_indices(labels, k, seed)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

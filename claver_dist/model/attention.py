@@ -27,6 +27,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,24 @@ def kronecker_mask_mod(tokens_per_frame: int, causal: bool = False) -> Callable:
     return kmct if causal else kmt
 
 
-@functools.lru_cache(maxsize=None)
+def _eager_cache(maxsize: int | None = None) -> Callable:
+    """``functools.lru_cache`` for eager callers. Inside ``torch.compile`` (``model.compile``)
+    the plain function is traced instead: Dynamo ignores such caches anyway (with a warning),
+    and the masks it builds become part of the compiled block."""
+
+    def wrap(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return call
+
+    return wrap
+
+
+@_eager_cache()
 def _flex_module():
     """FlexAttention entry points, or None where this torch has none."""
     try:
@@ -74,12 +92,12 @@ def flex_available() -> bool:
     return _flex_module() is not None
 
 
-@functools.lru_cache(maxsize=64)
+@_eager_cache(maxsize=64)
 def _dense_mask(T: int, L: int, causal: bool, device: torch.device) -> torch.Tensor:
     return kronecker_mask(T, L, causal, device=device)
 
 
-@functools.lru_cache(maxsize=64)
+@_eager_cache(maxsize=64)
 def _block_mask(T: int, L: int, causal: bool, device: torch.device):
     fa = _flex_module()
     n = T * L
@@ -90,6 +108,7 @@ def _block_mask(T: int, L: int, causal: bool, device: torch.device):
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     # FlexAttention is only fused when compiled; eager runs a reference implementation.
+    # Inside a compiled block the block's own compilation fuses it (kronecker_attention).
     return torch.compile(_flex_module().flex_attention, dynamic=False)
 
 
@@ -103,7 +122,8 @@ def kronecker_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_f
     impl = resolve_impl(impl, q)
     if impl == "flex":
         block_mask = _block_mask(num_frames, L, causal, q.device)
-        flex = _compiled_flex() if q.is_cuda else _flex_module().flex_attention
+        eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+        flex = _compiled_flex() if eager_cuda else _flex_module().flex_attention
         return flex(q, k, v, block_mask=block_mask)
     mask = _dense_mask(num_frames, L, causal, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -148,8 +168,6 @@ class KroneckerAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.in_proj(x).view(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
-        out = kronecker_attention(q, k, v, num_frames, self.causal, self.impl)
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
+        qkv = rearrange(self.in_proj(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out = kronecker_attention(*qkv.unbind(0), num_frames, self.causal, self.impl)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))

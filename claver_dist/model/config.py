@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from claver_dist.errors import require
+
 
 @dataclass
 class ModelConfig:
@@ -24,6 +26,10 @@ class ModelConfig:
     # auto = flex on CUDA, dense elsewhere.
     attention: Literal["auto", "dense", "flex"] = "auto"
     drop_path: float = 0.0
+    # shared (official): one 0..drop_path ramp over the CLIP depth, used by the CLIP blocks
+    # and, from its start, by the temporal blocks; temporal: only the temporal blocks, rising
+    # to drop_path.
+    drop_path_layout: Literal["shared", "temporal"] = "shared"
     # activation checkpointing: none | temporal | spatial | all; every k-th block.
     grad_checkpointing: Literal["none", "temporal", "spatial", "all"] = "none"
     checkpoint_every: int = 1
@@ -34,13 +40,27 @@ class ModelConfig:
     # init std of the temporal embedding: 0.02 in the method (on pretrained CLIP). Randomly
     # initialised towers (the demo) need a larger one: see docs/model.md.
     temporal_embedding_std: float = 0.02
+    # temporal blocks' init: torch (PyTorch's module defaults, what the official release
+    # trains from) or trunc_normal (weights trunc-normal 0.02, zero biases).
+    temporal_init: Literal["torch", "trunc_normal"] = "torch"
+    # normalise the mean of the unit frame embeddings again (logits become cosines); the
+    # official release does not (false).
+    renormalize_video: bool = False
+    # cap exp(logit_scale) here (CLIP's training used 100); null = no cap (the official release).
+    logit_scale_max: float | None = None
+    # regional torch.compile: every CLIP block (both towers) and temporal block compiled on its
+    # own, FlexAttention inside; on CUDA also fused AdamW and TF32 matmuls. Compiles in the first
+    # training step (its time is logged). Needs drop_path=0. See docs/model.md, "Compilation".
+    compile: bool = False
 
     def validate(self) -> None:
-        from claver_dist.config import ConfigError
-
-        if self.temporal_layers is not None and self.temporal_layers < 0:
-            raise ConfigError("model.temporal_layers must be >= 0 or null")
-        if self.checkpoint_every < 1:
-            raise ConfigError("model.checkpoint_every must be >= 1")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError("model.drop_path must be in [0, 1)")
+        require(self.temporal_layers is None or self.temporal_layers >= 0, "model.temporal_layers", ">= 0 or null",
+                self.temporal_layers)
+        require(self.checkpoint_every >= 1, "model.checkpoint_every", ">= 1", self.checkpoint_every)
+        require(0.0 <= self.drop_path < 1.0, "model.drop_path", "in [0, 1)", self.drop_path)
+        require(self.logit_scale_max is None or self.logit_scale_max > 1.0, "model.logit_scale_max", "> 1 or null",
+                self.logit_scale_max)
+        require(isinstance(self.compile, bool), "model.compile", "true or false", self.compile)
+        require(not (self.compile and self.drop_path > 0), "model.drop_path", "0 with model.compile=true "
+                "(each block's rate would be its own compiled graph)", self.drop_path)
+        require(self.temporal_embedding_std > 0, "model.temporal_embedding_std", "> 0", self.temporal_embedding_std)

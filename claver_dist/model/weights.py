@@ -3,6 +3,7 @@ check that a checkpoint fits, interpolate embeddings, export back to open_clip.
 
     model, fresh = build_model(ModelConfig(clip_model="ViT-B-16-quickgelu", pretrained="openai"),
                                num_frames=8, image_size=224)
+    model, fresh = build_model_for(run_config)     # the same, from a run's model + data sections
 
 ``pretrained`` may be an open_clip tag (downloaded by open_clip where there is internet),
 a local open_clip/OpenAI checkpoint, or a CLAVER checkpoint (``clip.*`` + temporal keys).
@@ -12,8 +13,10 @@ temporal embedding for a new frame count (8 -> 32) by linear interpolation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any, Protocol
 
 import open_clip
 import torch
@@ -22,7 +25,16 @@ from open_clip.factory import load_state_dict as load_open_clip_file
 from open_clip.model import resize_pos_embed
 
 from claver_dist.model.claver import Claver
+from claver_dist.model.compile import compile_blocks
 from claver_dist.model.config import ModelConfig
+
+
+class RunLike(Protocol):
+    """What ``build_model_for`` reads of a run config (``claver_dist.config.RunConfig``)."""
+
+    model: ModelConfig
+    data: Any  # DataConfig: num_frames, image_size
+
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +57,26 @@ def build_model(cfg: ModelConfig, num_frames: int, image_size: int | None = None
     model = Claver(clip, num_frames=num_frames, temporal=cfg.temporal, temporal_layers=cfg.temporal_layers,
                    attention=cfg.attention, drop_path=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing,
                    checkpoint_every=cfg.checkpoint_every, init_logit_scale=cfg.init_logit_scale,
-                   temporal_embedding_std=cfg.temporal_embedding_std)
-    if not cfg.pretrained:
-        return model, [n for n, _ in model.named_parameters()]
-    fresh = load_pretrained(model, pretrained_state_dict(cfg.clip_model, cfg.pretrained, image_size))
-    log.info("loaded %s (%s); freshly initialised: %s", cfg.clip_model, cfg.pretrained, ", ".join(fresh) or "none")
+                   temporal_embedding_std=cfg.temporal_embedding_std, temporal_init=cfg.temporal_init,
+                   drop_path_layout=cfg.drop_path_layout, renormalize_video=cfg.renormalize_video,
+                   logit_scale_max=cfg.logit_scale_max)
+    if cfg.pretrained:
+        fresh = load_pretrained(model, pretrained_state_dict(cfg.clip_model, cfg.pretrained, image_size))
+        log.info("loaded %s (%s); freshly initialised: %s", cfg.clip_model, cfg.pretrained, ", ".join(fresh) or "none")
+    else:
+        fresh = [n for n, _ in model.named_parameters()]
+    if cfg.compile:  # in place: the state dict keys stay the same
+        compile_blocks(model)
     return model, fresh
+
+
+def build_model_for(run: RunLike, pretrained: bool = True) -> tuple[Claver, list[str]]:
+    """The model a run trains or evaluates: ``run.model`` at ``run.data``'s frames and size.
+
+    ``pretrained=False`` skips ``model.pretrained`` (the caller loads trained weights over
+    the fresh ones); ``run`` itself is never changed."""
+    model_cfg = run.model if pretrained else dataclasses.replace(run.model, pretrained=None)
+    return build_model(model_cfg, run.data.num_frames, run.data.image_size)
 
 
 def pretrained_state_dict(model_name: str, pretrained: str, image_size: int | None = None) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ from typing import Any, Iterable
 
 import torch
 
+from claver_dist.errors import BankError, LabelsError
+
 # The reference recipe uses 16 class-name templates (ActionCLIP/X-CLIP lineage); these
 # are ours, in the same spirit: short, varied framings of "a person doing <action>".
 # The templates come first in every class's variant list, so variant index i < 16 is
@@ -58,14 +60,6 @@ TEMPLATES: list[str] = [
 KINDS: tuple[str, ...] = ("decomposition", "body_parts", "synonyms", "scene")
 
 CONTEXT_LENGTH = 77  # CLIP's text context, SOT and EOT included
-
-
-class LabelsError(ValueError):
-    """A label list that cannot be used; the message names the file and line."""
-
-
-class BankError(ValueError):
-    """A prompt bank that cannot be used; the message names the file and key."""
 
 
 # --------------------------------------------------------------------------- labels
@@ -149,6 +143,15 @@ def tokenize(texts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Lo
     ``count_tokens`` when loaded, so that never happens to a bank text.
     """
     return _clip_tokenizer()(list(texts), context_length=context_length)
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Host token ids ``[..., ctx]`` without the padding columns after the longest text's EOT
+    (EOT has the largest id in CLIP's vocabulary). Under CLIP's causal mask no token attends
+    to later positions, so the features are unchanged and the text tower runs on ~20
+    positions instead of 77. Done once on the host: finding the length on the GPU would
+    stall it at every step."""
+    return tokens[..., : int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def count_tokens(text: str) -> int:

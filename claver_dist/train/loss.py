@@ -2,7 +2,8 @@
 
 ``logits`` are ``[B, K, C]`` (one row of class logits per sampled text variant); every
 (video, variant) row is scored against the video's soft target ``[B, C]``, which carries
-label smoothing and mixup/cutmix mass (``claver_dist.data.augment.build_mixup``).
+label smoothing and mixup/cutmix mass (``claver_dist.data.augment.build_mixup``, or
+``smooth_one_hot`` there for plain labels).
 """
 
 from __future__ import annotations
@@ -22,9 +23,3 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(targets.float()[:, None, :] * logp).sum(-1).mean()
 
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """Hard labels -> smoothed one-hot targets (timm's convention: off = s / C, on = 1 - s + s / C)."""
-    off = smoothing / num_classes
-    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    return out.scatter_(1, labels[:, None], 1.0 - smoothing + off)
