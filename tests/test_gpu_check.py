@@ -43,17 +43,21 @@ def test_junit_rows_say_passed_failed_and_why_not_run(tmp_path):
     assert not any(r.failed for k, r in rows.items() if k != "test_bad")
 
 
-@pytest.mark.parametrize("timed", [True, False])
+@pytest.mark.parametrize("timed", [True, False, "oom"])
 def test_bench_train_progress_lines_read_back(timed):
     """What bench_train prints per config as it goes is what gpu_check keeps from a run cut short."""
     row = bench_train.Row("b16_8x224", 178.0, 1200.5, 15112.0, 400.8)
-    if timed:
+    if timed == "oom":
+        row.oom = True
+    elif timed:
         row.clips_s, row.split_ms, row.tflops_s, row.mfu, row.peak_gb = 110.25, "10/20/30/5", 341.5, 0.432, 20.14
     text = "noise\n" + bench_train.progress_line(row) + "\nmore noise\n"
     (got,) = gpu_check.parse_progress(text)
     assert got["config"] == "b16_8x224" and float(got["fwd+bwd"]) == 1200.5
     assert float(got["text GFLOPs/step fwd+bwd"]) == 15112
-    if timed:
+    if timed == "oom":
+        assert got["clips/s"] == "OOM"
+    elif timed:
         assert float(got["clips/s"]) == pytest.approx(110.25, abs=0.05) and got["MFU"] == "43.2%"
         assert got["ms vision/text/bwd/optim"] == "10/20/30/5" and float(got["peak GB"]) == pytest.approx(20.1)
     else:
@@ -72,6 +76,28 @@ def test_a_cut_off_bench_keeps_the_configs_it_finished(tmp_path, monkeypatch):
     assert "b16_8x224: 110.0 clips/s measured" in row.numbers
     table = rep.sections[0][1]
     assert "| debug | 500.0 |" in table and "| b16_8x224 | 110.0 |" in table
+
+
+def test_a_config_out_of_memory_does_not_stop_the_others(monkeypatch, capsys):
+    """On the H200, L/14 16x336 at batch 8 without checkpointing ran out of memory and ended the
+    whole timing run. A CPU run cannot run out of device memory, so a stand-in time_steps raises
+    torch's own OutOfMemoryError for one config: the row says OOM, the next config is timed."""
+    import torch
+
+    def fake_time_steps(name, *args, **kwargs):
+        if name == "debug":
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return {"clips_s": 12.5, "split_ms": "1/2/3/4", "peak_gb": None, "step_s": 1.0}
+
+    monkeypatch.setattr(bench_train, "time_steps", fake_time_steps)
+    monkeypatch.setattr(bench_train, "CONFIGS", {k: bench_train.CONFIGS[k] for k in ("debug", "b32_8x224")})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert bench_train.main(["--time", "all", "--batch", "2"]) == 0
+    out, err = capsys.readouterr()
+    device, rows = gpu_check.parse_bench(out)
+    got = {r["config"]: r["clips/s"] for r in rows}
+    assert got == {"debug": "OOM", "b32_8x224": "12.5"}, out
+    assert "... debug done:" in err and "out of memory" in err
 
 
 def test_every_part_skipped_still_writes_the_table(tmp_path):

@@ -17,6 +17,7 @@ GPU). Results for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -82,11 +83,15 @@ class Row:
     tflops_s: float | None = None
     mfu: float | None = None
     peak_gb: float | None = None
+    oom: bool = False        # timing ran out of device memory (the row keeps its FLOP counts)
 
 
 def progress_line(row: Row) -> str:
     """One config's numbers the moment it is done (printed to stderr): a run cut short by a time
     limit keeps the configs it finished (tools/gpu_check.py reads them back)."""
+    if row.oom:
+        return (f"... {row.name} done: {row.vision_gflops:.1f} GFLOP/clip fwd+bwd, {row.text_gflops:.0f} GFLOP/step "
+                "text; out of memory")
     timed = "" if row.clips_s is None else (
         f"; {row.clips_s:.1f} clips/s, {row.tflops_s:.2f} TFLOP/s, MFU "
         f"{'-' if row.mfu is None else format(row.mfu, '.1%')}, ms {row.split_ms}, peak GB "
@@ -267,11 +272,22 @@ def main(argv: list[str] | None = None) -> int:
         vision, text, fwd = count_flops(model, T, S, tokens)
         row = Row(name, params, vision / 1e9, text / 1e9, fwd / 1e9)
         if name in timed:
-            r = time_steps(name, batch, args.steps, device, tokens, args.checkpointing, peak)
-            row.clips_s, row.split_ms, row.peak_gb = r["clips_s"], r["split_ms"], r["peak_gb"]
-            flops = batch * vision + text
-            row.tflops_s = flops / r["step_s"] / 1e12
-            row.mfu = flops / r["step_s"] / peak if peak else None
+            try:
+                r = time_steps(name, batch, args.steps, device, tokens, args.checkpointing, peak)
+            except torch.OutOfMemoryError:
+                # one config too large for this batch must not cost the others (L/14 16x336 at
+                # batch 8 without checkpointing needs more than an H200's 140 GB); the frames of
+                # the failed step go with the exception, so the cache can be emptied after it
+                r = None
+            if r is None:
+                row.oom = True
+                gc.collect()
+                torch.cuda.empty_cache()
+            else:
+                row.clips_s, row.split_ms, row.peak_gb = r["clips_s"], r["split_ms"], r["peak_gb"]
+                flops = batch * vision + text
+                row.tflops_s = flops / r["step_s"] / 1e12
+                row.mfu = flops / r["step_s"] / peak if peak else None
         rows.append(row)
         print(progress_line(row), file=sys.stderr, flush=True)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(f"| {r.name} | {r.params_m:.1f} | {r.vision_fwd_gflops:.1f} | {r.vision_gflops:.1f} | "
-              f"{r.text_gflops:.0f} | {f(r.clips_s, '.1f')} | {r.split_ms or '-'} | {f(r.tflops_s, '.2f')} | "
+              f"{r.text_gflops:.0f} | {'OOM' if r.oom else f(r.clips_s, '.1f')} | {r.split_ms or '-'} | {f(r.tflops_s, '.2f')} | "
               f"{f(r.mfu, '.1%')} | {f(r.peak_gb, '.1f')} |")
     if args.cost:
         cost_table({r.name: r for r in rows}, args.cost, args.classes)

@@ -358,14 +358,21 @@ def parse_bench(text: str) -> tuple[str, list[dict]]:
 
 
 PROGRESS = re.compile(r"^\.\.\. (\S+) done: ([\d.]+) GFLOP/clip fwd\+bwd, (\d+) GFLOP/step text"
-                      r"(?:; ([\d.]+) clips/s, ([\d.]+) TFLOP/s, MFU (\S+), ms (\S+), peak GB (\S+))?$", re.M)
+                      r"(?:; ([\d.]+) clips/s, ([\d.]+) TFLOP/s, MFU (\S+), ms (\S+), peak GB (\S+)|; (out of memory))?$",
+                      re.M)
 
 
 def parse_progress(text: str) -> list[dict]:
     """bench_train's per-config progress lines (stderr), as table rows: what a run cut short kept."""
     keys = ("config", "fwd+bwd", "text GFLOPs/step fwd+bwd", "clips/s", "TFLOP/s", "MFU", "ms vision/text/bwd/optim",
             "peak GB")
-    return [{k: (v if v is not None else "-") for k, v in zip(keys, m.groups())} for m in PROGRESS.finditer(text)]
+    rows = []
+    for m in PROGRESS.finditer(text):
+        row = {k: (v if v is not None else "-") for k, v in zip(keys, m.groups())}
+        if m.group(9):
+            row["clips/s"] = "OOM"
+        rows.append(row)
+    return rows
 
 
 def _num(v: str | None) -> float | None:
@@ -414,6 +421,10 @@ def bench(out: Path, rep: Report, timeout: float, configs: list[str], batch: int
         got, pred = _num(b16["clips/s"]), b16["predicted"]
         nums = (f"b16_8x224: {got:,.1f} clips/s measured vs {pred:,.1f} predicted at 40% MFU "
                 f"({got / pred:.2f}x); {nums}")
+    ooms = [r["config"] for r in rows if r.get("clips/s") == "OOM"]
+    if ooms:
+        nums += (f"; out of device memory at batch {batch}: {', '.join(ooms)} "
+                 "(bench_train.py --checkpointing all, or a smaller --batch)")
     rep.rows.append(Row(f"bench_train --time {' '.join(configs)}", result, nums, s))
     rep.sections.append(("bench_train", f"{device}\n\n" + "\n".join(table) +
                          "\n\nPredicted: tools/throughput_model.py's `bench_train_prediction` (batch clips and the "
