@@ -17,7 +17,7 @@ demo: sysdeps venv
 	OMP_NUM_THREADS=1 $(PY) -m tools.demo
 
 test: sysdeps venv test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
 
 # Quick loop while developing: no LLM server, no SLURM cluster, no multi-process runs.
 test-fast: venv
