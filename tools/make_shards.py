@@ -12,6 +12,12 @@ folder with one sub-folder per class. The format is detected from the name and c
 (``--format`` names it); every class is mapped by name onto LABELS_CSV (``id,name``;
 optional for a folder tree). Run once per split into the same OUT folder.
 
+Captioned videos (video-text pretraining) need no labels: a CSV with ``path`` and
+``caption`` columns or JSON lines ``{"path", "caption" | "captions"}`` (several captions per
+video allowed, all kept), or WebVid's CSV (``videoid``, ``name``, ``page_dir``). Their
+samples hold the captions in the ``.json`` metadata and no ``.cls``; a video without a
+caption is rejected by name; the manifest counts captions instead of classes.
+
 Every input is decoded in full first (not decodable, no video stream, zero frames or
 truncated -> rejected with the reason). By default it is then re-encoded for fast
 sparse seeking: short side at most 256 (what the 224-px recipes consume; use
@@ -19,8 +25,8 @@ sparse seeking: short side at most 256 (what the 224-px recipes consume; use
 keyframe every 12 frames, 8-bit yuv420p, H.264 in mp4 (``--codec vp9``: VP9 in webm,
 which DALI can also decode on the CPU); ``--copy`` stores the original bytes. The
 output is decoded again to store its exact frame count. Per sample the shard holds the
-video, ``.cls`` (label id) and ``.json`` metadata (frames, fps, size, duration, codec,
-crc32, source).
+video, ``.cls`` (label id; none for captioned videos) and ``.json`` metadata (frames, fps,
+size, duration, codec, crc32, source, and ``captions`` for captioned videos).
 
 Samples are shuffled across shards by ``--seed`` and packed into shards of about
 ``--shard-size`` bytes (and at most ``--shard-samples`` samples). Every shard is written
@@ -85,7 +91,8 @@ def annotation_options(args: argparse.Namespace) -> Options:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("annotations", nargs="?", help="list file, UCF-101 split list, HMDB-51 split folder, SSv2 JSON, "
-                                                    "Kinetics CSV, or folder with one sub-folder per class")  # fmt: skip
+                                                    "Kinetics CSV, folder with one sub-folder per class, or captions "
+                                                    "(CSV path,caption; JSONL; WebVid CSV)")  # fmt: skip
     p.add_argument("--reindex", metavar="OUT", default=None,
                    help="only (re)write the compact index of every split of the shard set OUT from its .idx files")
     p.add_argument("--root", default=None, help="folder the annotation paths are relative to (default: its folder)")
@@ -151,8 +158,9 @@ def process(job: tuple[Input, str, str, dict]) -> dict:
     except OSError as e:
         return {"rejected": f"cannot read: {e}", "source": inp.rel}
     fps = target_fps(src_info.fps, settings) if cfr else info.fps
+    labelled = {"label": inp.label, "class_name": class_name} if inp.label >= 0 else {"captions": list(inp.captions)}
     meta = {
-        "key": key, "label": inp.label, "class_name": class_name, "source": inp.rel,
+        "key": key, **labelled, "source": inp.rel,
         "frames": info.frames, "fps": fps, "width": info.width, "height": info.height,
         "duration": round(info.frames / fps, 4) if fps else info.duration, "codec": info.codec,
         "cfr": cfr, "keyint": keyint, "bytes": len(data), "crc32": zlib.crc32(data),
@@ -172,6 +180,8 @@ def _plan_hash(order: list[tuple[Input, str]], settings: EncodeSettings, args: a
     h.update(json.dumps([settings.to_dict(), args.seed, args.shard_size, args.shard_samples]).encode())
     for inp, key in order:
         h.update(f"{inp.rel}\t{inp.label}\t{key}\n".encode())
+        if inp.captions:  # an edited caption is another plan
+            h.update(json.dumps(inp.captions).encode())
     return h.hexdigest()[:16]
 
 
@@ -246,7 +256,7 @@ def build(args: argparse.Namespace) -> dict:
     if done:
         print(f"resuming {args.split}: {len(done)} finished shards, {len(order) - start} inputs left", file=sys.stderr)
 
-    jobs = [(inp, key, classes[inp.label], settings.to_dict()) for inp, key in order[start:]]
+    jobs = [(inp, key, classes[inp.label] if inp.label >= 0 else "", settings.to_dict()) for inp, key in order[start:]]
     results = _run(jobs, args)
     shard, writer, records = len(done), None, list(done)
     cur: dict = {}
@@ -283,8 +293,12 @@ def build(args: argparse.Namespace) -> dict:
             if "rejected" in r:
                 cur["rejected"].append({"source": r["source"], "reason": r["rejected"]})
             else:
-                writer.add(r["key"], {r["ext"]: r["data"], "cls": str(r["label"]).encode(), "json": dump_json(r["meta"])})
-                cur["samples"].append({"key": r["key"], "label": r["label"], "source": r["source"], "frames": r["meta"]["frames"]})
+                members = {r["ext"]: r["data"], "json": dump_json(r["meta"])}
+                if r["label"] >= 0:
+                    members["cls"] = str(r["label"]).encode()
+                writer.add(r["key"], members)
+                cur["samples"].append({"key": r["key"], "label": r["label"], "source": r["source"],
+                                       "frames": r["meta"]["frames"], "captions": len(r["meta"].get("captions", ()))})
             pos += 1
             full = writer.bytes >= args.shard_size or (args.shard_samples and writer.count >= args.shard_samples)
             if full:
@@ -322,9 +336,13 @@ def _write_manifest(out: Path, args: argparse.Namespace, classes: list[str], set
                     records: list[dict], pre_rejected: list[Rejected]) -> dict:  # fmt: skip
     path = out / MANIFEST
     manifest = load_manifest(out) if path.is_file() else {"format": FORMAT, "splits": {}}
+    annotation = "labels" if classes else "captions"  # captioned formats have no classes
+    if manifest.get("annotation", "labels") != annotation and manifest.get("splits"):
+        raise SystemExit(f"{path}: other splits hold {manifest.get('annotation', 'labels')}, this one {annotation}; "
+                         "use another --out")
     if manifest.get("classes") not in (None, classes):
         raise SystemExit(f"{path}: other splits were built with different classes; use another --out")
-    shards, per_class = [], {c: 0 for c in classes}
+    shards, per_class, captions = [], {c: 0 for c in classes}, []
     rejected = [{"source": r.source, "reason": r.reason} for r in pre_rejected]
     for rec in records:
         rejected += rec["rejected"]
@@ -332,12 +350,18 @@ def _write_manifest(out: Path, args: argparse.Namespace, classes: list[str], set
             tar = rec["tar"]
             shards.append({"tar": tar, "idx": tar[:-4] + ".idx", "samples": len(rec["samples"]), "bytes": rec["bytes"]})
         for s in rec["samples"]:
-            per_class[classes[s["label"]]] += 1
+            if s["label"] >= 0:
+                per_class[classes[s["label"]]] += 1
+            else:
+                captions.append(s.get("captions", 0))
     total = sum(s["samples"] for s in shards)
+    counts = ({"per_class": per_class} if annotation == "labels" else
+              {"captions": {"total": sum(captions), "per_video_min": min(captions, default=0),
+                            "per_video_max": max(captions, default=0)}})
     manifest["splits"][args.split] = {
         "num_samples": total,
         "num_shards": len(shards),
-        "per_class": per_class,
+        **counts,
         "shards": shards,
         **({"index": write_split_index(out, args.split, shards)} if shards else {}),
         "encode": settings.to_dict(),
@@ -347,6 +371,7 @@ def _write_manifest(out: Path, args: argparse.Namespace, classes: list[str], set
     }
     manifest.update(
         format=FORMAT,
+        annotation=annotation,
         classes=classes,
         num_classes=len(classes),
         seed=args.seed,
@@ -392,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     sp = manifest["splits"][args.split]
-    print(f"{args.out}: split {args.split}: {sp['num_samples']} samples in {sp['num_shards']} shards, "
+    caps = f", {sp['captions']['total']} captions" if "captions" in sp else ""
+    print(f"{args.out}: split {args.split}: {sp['num_samples']} samples{caps} in {sp['num_shards']} shards, "
           f"{len(sp['rejected'])} rejected")  # fmt: skip
     for r in sp["rejected"]:
         print(f"  rejected {r['source']}: {r['reason']}")

@@ -25,7 +25,13 @@ named explicitly:
   ``{youtube_id}_{start:06d}_{end:06d}.*`` under ``root``, ``root/{label}``,
   ``root/{split}`` or ``root/{split}/{label}``; rows are filtered by ``split``;
 - ``tree``: a folder per class, ``ANNOTATIONS/{class name}/**/*.mp4`` (classes sorted by
-  name unless a labels CSV maps them).
+  name unless a labels CSV maps them);
+- ``captions``: video-text pairs, no classes: a CSV with a header naming a ``path`` (or
+  ``video``) column and a ``caption`` column, or JSON lines ``{"path": ..., "caption": ...}``
+  (or ``"captions": [...]``); a video may have any number of rows or captions, all kept in
+  order of appearance;
+- ``webvid``: WebVid's CSVs (columns ``videoid``, ``name`` = the caption, ``page_dir``); the
+  video is ``{page_dir}/{videoid}.*`` or ``{videoid}.*`` under ``root``.
 
 Files are read as the official zips ship them: CRLF line ends and a UTF-8 byte-order mark
 are accepted. Class names are matched to the labels CSV by ``normalise_name`` (case, ``_``
@@ -33,7 +39,9 @@ and spacing ignored); a name that matches no class or several is an error naming
 and line. Exceptions: Kinetics rows of classes outside the labels CSV are rejected, not
 refused, so that one official CSV serves a label subset (Kinetics-600's 220 new classes).
 
-Labels are a CSV ``id,name`` (a header row is optional), ids 0..C-1.
+Labels are a CSV ``id,name`` (a header row is optional), ids 0..C-1. Captioned inputs carry
+``label`` -1 and their captions; an input whose captions are all empty is rejected ("no
+caption"), named by its path.
 
 Inputs that cannot be used before any decoding (missing file, unknown class in a list or a
 Kinetics CSV) come back as rejections with a reason, like the ones the shard builder finds
@@ -51,7 +59,8 @@ from pathlib import Path
 
 from claver_dist.data.shards import VIDEO_EXTS
 
-FORMATS = ("list", "tree", "kinetics", "ucf101", "hmdb51", "ssv2")
+FORMATS = ("list", "tree", "kinetics", "ucf101", "hmdb51", "ssv2", "captions", "webvid")
+CAPTION_FORMATS = ("captions", "webvid")  # video-text pairs: no classes, label -1
 
 _UCF_LIST = re.compile(r"(train|test)list\d+\.txt", re.IGNORECASE)
 _HMDB_FILE = re.compile(r"(.+)_test_split(\d+)\.txt")
@@ -63,7 +72,8 @@ _HMDB_TAGS = {"train": "1", "test": "2"}
 class Input:
     path: Path  # absolute file
     rel: str  # as named by the annotation (stored as the sample's source)
-    label: int
+    label: int  # -1 for a captioned input
+    captions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -80,6 +90,7 @@ class Entry:
     label: int  # id in the project's label list
     where: str  # "file:line" (or "file: entry N") for messages
     candidates: tuple[str, ...] = ()  # relative paths to try in order; () -> (rel,)
+    captions: tuple[str, ...] = ()  # captioned formats (label -1)
 
 
 @dataclass
@@ -163,11 +174,18 @@ def detect_format(annotations: str | Path) -> str:
         return "ucf101"
     if p.suffix.lower() == ".json":
         return "ssv2"
+    if p.suffix.lower() == ".jsonl":
+        return "captions"
     lines = [line.strip() for line in read_lines(p) if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         return "list"
-    if {"youtube_id", "time_start", "time_end"} <= {c.strip().lower() for c in lines[0].split(",")}:
+    header = {c.strip().strip('"').lower() for c in lines[0].split(",")}
+    if {"youtube_id", "time_start", "time_end"} <= header:
         return "kinetics"
+    if {"videoid", "name", "page_dir"} <= header:
+        return "webvid"
+    if "caption" in header and header & {"path", "video"}:
+        return "captions"
     # paths without labels: UCF-101's test lists, where the folder is the class
     if all(len(line.split()) == 1 and "/" in line for line in lines[:100]):
         return "ucf101"
@@ -183,7 +201,7 @@ def read_entries(
     """``(entries, rejected, class names, format)``; no video file is looked at (``tree`` aside).
 
     Class names are ``labels`` (a tree without labels: its folder names; a list without
-    labels: None, its ids kept as written).
+    labels: None, its ids kept as written; captioned formats: ``[]``, every label -1).
     """
     opt = options or Options()
     path = Path(annotations)
@@ -200,6 +218,12 @@ def read_entries(
         return entries, rejected, labels, fmt
     if fmt != "hmdb51" and path.is_dir():
         raise ValueError(f"{path}: a folder, but the {fmt} format reads a file")
+    if fmt in CAPTION_FORMATS:
+        if labels:
+            raise ValueError(f"{path}: {fmt} annotations pair videos with captions and have no classes; "
+                             "drop --labels")
+        entries, rejected = _caption_entries(path) if fmt == "captions" else _webvid_entries(path)
+        return entries, rejected, [], fmt
     if fmt == "list":
         # without a labels CSV the ids are kept as written (few-shot lists of a list file)
         entries, rejected = _list_entries(path, len(labels) if labels else None, opt.one_based)
@@ -227,7 +251,7 @@ def resolve(entries: list[Entry], root: Path) -> tuple[list[Input], list[Rejecte
         if found is None:
             rejected.append(Rejected(e.rel, f"file not found under {root}"))
         else:
-            inputs.append(Input(root / found, found, e.label))
+            inputs.append(Input(root / found, found, e.label, e.captions))
     return inputs, rejected
 
 
@@ -456,6 +480,64 @@ def _kinetics_entries(path: Path, index: _ClassIndex, split: str) -> tuple[list[
         candidates = tuple(posixpath.join(d, f"{stem}.{ext}") for d in folders for ext in VIDEO_EXTS)
         entries.append(Entry(stem, label, where, candidates))
     return entries, rejected
+
+
+def _grouped(rows: list[tuple[str, list[str], str, tuple[str, ...]]]) -> tuple[list[Entry], list[Rejected]]:
+    """Captioned entries, one per video in order of first appearance, every caption kept."""
+    by_rel: dict[str, Entry] = {}
+    for rel, captions, where, candidates in rows:
+        e = by_rel.setdefault(rel, Entry(rel, -1, where, candidates))
+        e.captions += tuple(c.strip() for c in captions if c and c.strip())
+    entries = [e for e in by_rel.values() if e.captions]
+    rejected = [Rejected(e.rel, f"no caption ({e.where})") for e in by_rel.values() if not e.captions]
+    return entries, rejected
+
+
+def _caption_entries(path: Path) -> tuple[list[Entry], list[Rejected]]:
+    rows = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(read_lines(path), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            rel = r.get("path", r.get("video")) if isinstance(r, dict) else None
+            caps = r.get("captions", [r["caption"]] if "caption" in r else []) if isinstance(r, dict) else None
+            if not isinstance(rel, str) or not rel or not isinstance(caps, list) or \
+                    not all(isinstance(c, str) for c in caps):
+                raise ValueError(f'{where}: expected {{"path": str, "caption": str}} or '
+                                 f'{{"path": str, "captions": [str, ...]}}, got {line.strip()[:200]!r}')
+            rows.append((rel, caps, where, ()))
+        return _grouped(rows)
+    reader = csv.DictReader(read_lines(path))
+    reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
+    col = "path" if "path" in reader.fieldnames else "video"
+    if col not in reader.fieldnames or "caption" not in reader.fieldnames:
+        raise ValueError(f"{path}:1: a captions CSV needs a header with 'path' (or 'video') and 'caption' columns, "
+                         f"got {reader.fieldnames}")
+    for n, r in enumerate(reader, 2):
+        rel = (r.get(col) or "").strip()
+        if not rel:
+            raise ValueError(f"{path}:{n}: no {col}")
+        rows.append((rel, [r.get("caption") or ""], f"{path}:{n}", ()))
+    return _grouped(rows)
+
+
+def _webvid_entries(path: Path) -> tuple[list[Entry], list[Rejected]]:
+    reader = csv.DictReader(read_lines(path))
+    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+    rows = []
+    for n, r in enumerate(reader, 2):
+        vid, page = (r.get("videoid") or "").strip(), (r.get("page_dir") or "").strip()
+        if not vid:
+            raise ValueError(f"{path}:{n}: no videoid")
+        rel = posixpath.join(page, vid)
+        candidates = tuple(posixpath.join(d, f"{vid}.{ext}") for d in dict.fromkeys((page, "")) for ext in VIDEO_EXTS)
+        rows.append((rel, [r.get("name") or ""], f"{path}:{n}", candidates))
+    return _grouped(rows)
 
 
 def _tree_entries(path: Path, labels: list[str] | None) -> tuple[list[Entry], list[Rejected], list[str]]:

@@ -221,6 +221,9 @@ def build_loader(
     spec_str = cfg.train_shards if train else cfg.val_shards
     tars, manifest = resolve_shards(spec_str, cfg.train_split if train else cfg.val_split)
     shards = ShardSet(tars, manifest)
+    if manifest is not None and num_classes is not None and manifest.get("annotation") == "captions":
+        raise ShardError(f"{spec_str}: a captioned shard set (videos with captions, no class labels, "
+                         "tools/make_shards.py); classification needs labelled shards")
     if manifest is not None and num_classes is not None and manifest.get("num_classes") not in (None, num_classes):
         raise ShardError(f"{spec_str}: shards have {manifest['num_classes']} classes, the run expects {num_classes}")
     spec = AugmentSpec(
