@@ -134,3 +134,50 @@ def test_captioned_shards_round_trip(videos, tmp_path, capsys):
     cfg = DataConfig(train_shards=str(out), val_shards=str(out), backend="cpu", num_frames=4, image_size=32)
     with pytest.raises(ShardError, match="captioned shard set .* classification needs labelled shards"):
         build_loader(cfg, "train", num_classes=3)
+
+
+def test_loader_batches_carry_one_reproducible_caption_per_video(videos, tmp_path):
+    """Train batches hold one caption per clip, drawn per (seed, epoch, key): the same in a
+    second loader (a resumed run), changing between epochs for a video with several; val
+    takes the first. A labelled set is refused for pretraining."""
+    from claver_dist.data.config import DataConfig
+    from claver_dist.data.loader import build_loader
+
+    many = [f"caption number {i}" for i in range(8)]
+    lines = [{"path": "a/one.mp4", "captions": many}, {"path": "a/two.mp4", "caption": "two"},
+             {"path": "b/three.mp4", "captions": ["three", "drei"]}, {"path": "1066/31415.mp4", "caption": "pi"}]
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "shards"
+    for split in ("train", "val"):
+        assert make_shards([str(tmp_path / "caps.jsonl"), "--root", str(videos), "--out", str(out), "--split", split,
+                            "--copy", "--workers", "1", "--no-progress"]) == 0
+    cfg = DataConfig(train_shards=str(out), val_shards=str(out), backend="cpu", num_frames=4, image_size=32,
+                     batch_size=2, num_workers=0)
+    want = {"a__one": many, "a__two": ["two"], "b__three": ["three", "drei"], "1066__31415": ["pi"]}
+
+    def captions_by_epoch(loader, epochs: int) -> list[dict[str, str]]:
+        out = []
+        for _ in range(epochs):
+            got = {}
+            for batch in loader:
+                assert batch["video"].shape[0] == len(batch["caption"]) == 2
+                got.update(zip(batch["key"], batch["caption"]))
+            out.append(got)
+        return out
+
+    first = captions_by_epoch(build_loader(cfg, "train", seed=3, captions=True), 4)
+    again = captions_by_epoch(build_loader(cfg, "train", seed=3, captions=True), 4)
+    assert first == again  # the same draws in a new loader: resumable
+    for got in first:
+        assert got.keys() == want.keys() and all(got[k] in want[k] for k in got)
+    assert len({got["a__one"] for got in first}) > 1  # 8 captions over 4 epochs: not always the same one
+    val = captions_by_epoch(build_loader(cfg, "val", captions=True), 1)[0]
+    assert val == {k: v[0] for k, v in want.items()}
+
+    labelled = tmp_path / "labelled"
+    (tmp_path / "list.txt").write_text("a/one.mp4 0\na/two.mp4 1\n")
+    (tmp_path / "labels.csv").write_text("id,name\n0,zero\n1,one\n")
+    assert make_shards([str(tmp_path / "list.txt"), "--root", str(videos), "--labels", str(tmp_path / "labels.csv"),
+                        "--out", str(labelled), "--split", "train", "--copy", "--workers", "1", "--no-progress"]) == 0
+    with pytest.raises(ShardError, match="labelled shard set; video-text pretraining needs captioned shards"):
+        build_loader(DataConfig(train_shards=str(labelled), backend="cpu"), "train", captions=True)

@@ -47,7 +47,7 @@ def decode_sample(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext, si
     except Exception as e:  # noqa: BLE001 - garbage input can surface anywhere in a decoder stack
         return SampleResult(gid, key, error=f"unexpected {type(e).__name__}: {e}")
     v = to_views(v[None], ctx.clips, ctx.crops, ctx.num_frames)[0]
-    return SampleResult(gid, key, p.label, v.contiguous(), colors=sample_colors(p.params))
+    return SampleResult(gid, key, p.label, v.contiguous(), colors=sample_colors(p.params), caption=p.caption)
 
 
 class _Batches(torch.utils.data.Dataset):

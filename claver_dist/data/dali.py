@@ -190,7 +190,7 @@ class DaliBackend:
             except SampleError as e:
                 fed.slots.append(SampleResult(gid, key, error=str(e)))
                 continue
-            fed.slots.append(SampleResult(gid, key, p.label))
+            fed.slots.append(SampleResult(gid, key, p.label, caption=p.caption))
             fed.prepared.append((slot, p))
         return fed
 

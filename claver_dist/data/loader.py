@@ -202,6 +202,7 @@ def build_loader(
     device: str = "cpu",
     views: tuple[int, int] = (1, 1),
     grad_accum: int = 1,
+    captions: bool = False,
 ) -> VideoLoader:
     """A loader for ``split`` ("train" or "val") of this rank.
 
@@ -209,6 +210,8 @@ def build_loader(
     view. ``backend="auto"`` picks DALI when ``device`` is CUDA, else the CPU backend.
     ``num_classes`` is checked against the shard manifest when both are known.
     ``grad_accum`` (train): an epoch holds a multiple of this many batches.
+    ``captions``: the shards must be captioned (video-text pretraining); batches then hold
+    one caption per sample (``batch["caption"]``, drawn per epoch by ``sampling.pick_caption``).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -221,6 +224,9 @@ def build_loader(
     spec_str = cfg.train_shards if train else cfg.val_shards
     tars, manifest = resolve_shards(spec_str, cfg.train_split if train else cfg.val_split)
     shards = ShardSet(tars, manifest)
+    if manifest is not None and captions and manifest.get("annotation") != "captions":
+        raise ShardError(f"{spec_str}: a labelled shard set; video-text pretraining needs captioned shards "
+                         "(tools/make_shards.py with caption annotations, docs/data.md)")
     if manifest is not None and num_classes is not None and manifest.get("annotation") == "captions":
         raise ShardError(f"{spec_str}: a captioned shard set (videos with captions, no class labels, "
                          "tools/make_shards.py); classification needs labelled shards")

@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 
 from claver_dist.data.augment import AugmentSpec, ViewParams, draw_params, finish_views
-from claver_dist.data.sampling import STREAM_AUGMENT, STREAM_FRAMES, clip_indices, sample_rng
+from claver_dist.data.sampling import STREAM_AUGMENT, STREAM_FRAMES, clip_indices, pick_caption, sample_rng
 from claver_dist.data.shards import ShardSet
 from claver_dist.errors import SampleError, ShardError
 
@@ -60,6 +60,7 @@ class Prepared:
     meta: dict[str, Any]
     indices: list[int]
     params: ViewParams
+    caption: str | None = None  # captioned shards: this epoch's caption (sampling.pick_caption)
 
 
 def prepare(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext) -> Prepared:
@@ -75,7 +76,8 @@ def prepare(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext) -> Prepa
     indices = clip_indices(total, ctx.num_frames, ctx.train, ctx.clips, rng)
     arng = sample_rng(ctx.seed, epoch, key, STREAM_AUGMENT) if ctx.train else None
     params = draw_params(ctx.spec, width, height, ctx.train, ctx.crops, arng)
-    return Prepared(gid, key, int(meta["label"]), data, meta, indices, params)
+    caption = pick_caption(meta["captions"], ctx.seed, epoch, key, ctx.train) if "captions" in meta else None
+    return Prepared(gid, key, int(meta["label"]), data, meta, indices, params, caption)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SampleResult:
     error: str | None = None
     # a uint8 video's flip and colour (augment.sample_colors), applied by finish_pixels
     colors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    caption: str | None = None
 
 
 def to_views(x: torch.Tensor, clips: int, crops: int, num_frames: int) -> torch.Tensor:
@@ -240,6 +243,8 @@ def assemble(job: BatchJob, results: list[SampleResult], train: bool, sample_sha
         "valid": torch.tensor([r.video is not None for r in slots], dtype=torch.bool),
         "skipped": skipped,
     }
+    if any(r.caption is not None for r in slots):  # captioned shards: one caption per slot
+        batch["caption"] = [r.caption if r.video is not None and r.caption is not None else "" for r in slots]
     if ref is not None and ref.dtype == torch.uint8:  # pixels still to finish (finish_pixels)
         plain = (torch.eye(3), torch.zeros(3), torch.tensor(False))
         colors = [r.colors if r.video is not None and r.colors is not None else plain for r in slots]

@@ -27,6 +27,7 @@ import numpy as np
 # Independent random streams drawn for one sample: frame offsets vs augmentation.
 STREAM_FRAMES = 0
 STREAM_AUGMENT = 1
+STREAM_CAPTION = 2
 
 
 def _key_int(key: str) -> int:
@@ -86,3 +87,14 @@ def clip_indices(
     for k in range(clips):
         out += tsn_indices(total, num_frames, False, clip=k, clips=clips)
     return out
+
+
+def pick_caption(captions: list[str], seed: int, epoch: int, key: str, train: bool) -> str:
+    """The caption a captioned sample is trained on this epoch: drawn from its own random
+    stream (seed, epoch, key), so a resumed or resized run picks the same one; evaluation
+    always takes the first."""
+    if not captions:
+        raise ValueError(f"{key}: no caption")
+    if not train or len(captions) == 1:
+        return captions[0]
+    return captions[int(sample_rng(seed, epoch, key, STREAM_CAPTION).integers(len(captions)))]

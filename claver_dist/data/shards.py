@@ -636,7 +636,11 @@ class ShardSet:
             frames = int(meta["frames"])
         except (ValueError, KeyError, TypeError) as e:
             raise SampleError(f"bad metadata: {e!r}") from e
-        if "label" not in meta:
+        if "captions" in meta:  # a captioned sample: no class
+            meta.setdefault("label", -1)
+            if not isinstance(meta["captions"], list) or not meta["captions"]:
+                raise SampleError(f"bad captions in metadata: {meta['captions']!r}")
+        elif "label" not in meta:
             try:
                 meta["label"] = int(self.read(i, self.CLS))
             except ValueError as e:
