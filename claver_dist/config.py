@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -41,6 +41,10 @@ class RunConfig:
     name: str = "claver"
     run_dir: str = "runs/${name}"
     seed: int = 0
+    # classify: CLAVER fine-tuning on labelled shards (class prompts, soft-target cross-entropy);
+    # pretrain: video-text pretraining on captioned shards (symmetric InfoNCE over the global
+    # batch, retrieval validation). docs/pretraining.md
+    task: Literal["classify", "pretrain"] = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -229,4 +233,8 @@ def validate(cfg: RunConfig) -> None:
     for sub in (cfg.model, cfg.data, cfg.text, cfg.optim, cfg.train, cfg.checkpoint, cfg.log, cfg.eval):
         sub.validate()
     require(bool(cfg.name.strip()), "name", "a non-empty name", cfg.name)
+    if cfg.task == "pretrain":
+        # a mixed clip has no caption of its own; pretraining pairs each clip with its own text
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            require(getattr(cfg.train, key) == 0, f"train.{key}", "0 with task=pretrain", getattr(cfg.train, key))
     require(cfg.seed >= 0, "seed", ">= 0", cfg.seed)

@@ -36,9 +36,10 @@ def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
             "log.count_flops=false", "train.val_every_epochs=100", *extra]
 
 
-def launch(nproc: int, data: Path, run_dir: Path, *extra: str, wait: bool = True, timeout: float = 300):
+def launch(nproc: int, data: Path, run_dir: Path, *extra: str, wait: bool = True, timeout: float = 300,
+           config: str = "configs/debug.yaml"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [PY, str(REPO / "launch/local.py"), "--nproc", str(nproc), str(REPO / "configs/debug.yaml"),
+    cmd = [PY, str(REPO / "launch/local.py"), "--nproc", str(nproc), str(REPO / config),
            *overrides(data, run_dir, *extra)]
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

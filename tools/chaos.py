@@ -21,6 +21,7 @@ time against the uninterrupted one. Exit status 0 when the weights are equal.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -198,12 +199,29 @@ class Chaos:
         n = len(records(self.run_dir))
         disk = self.run_dir / "checkpoints"
         filler = disk / "filler"
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        with open(filler, "wb") as f:  # leave ~2 MB: the next checkpoint (tens of MB) cannot be written
-            os.posix_fallocate(f.fileno(), 0, max(1, free - 2 * 2**20))
+        fill_up(disk, filler, leave=2 * 2**20)  # the next checkpoint (tens of MB) cannot be written
         rec = self.new_record(n, "failure")
         filler.unlink()
         return {"what": "checkpoint disk full", "handled": "restart", "lost": rec["steps_lost"] or 0, "rec": rec}
+
+
+def fill_up(disk: Path, filler: Path, leave: int) -> None:
+    """Grow ``filler`` until ``disk`` has about ``leave`` bytes free. The run keeps saving while
+    this happens, so the free space measured a moment ago may be gone: on ENOSPC, measure
+    again and ask for less."""
+    with open(filler, "wb") as f:
+        for _ in range(50):
+            st = os.statvfs(disk)
+            want = os.fstat(f.fileno()).st_size + st.f_bavail * st.f_frsize - leave
+            if want <= os.fstat(f.fileno()).st_size:
+                return
+            try:
+                os.posix_fallocate(f.fileno(), 0, want)
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        raise RuntimeError(f"could not fill {disk} to {leave} bytes free")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             chaos.recovered(row["rec"])
             rows.append(row)
         state = slurm.wait(job, max(60.0, chaos.deadline - time.monotonic()))
+    except BaseException:
+        # the tool itself failed: stop the run before its checkpoint folder is unmounted under it
+        # (a run left going would meet an empty folder and restart from step 0, a second fault)
+        subprocess.run(["scancel", job], capture_output=True)
+        slurm.wait(job, 120)
+        raise
     finally:
         if "save" in faults:
             subprocess.run(["umount", "-l", str(run_dir / "checkpoints")], capture_output=True)

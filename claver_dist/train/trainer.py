@@ -6,7 +6,9 @@
 
 One optimiser step = ``train.grad_accum`` micro-batches; per step the same K text variants
 are drawn for every class (and every rank); the loss is soft-target cross-entropy over the
-``B x K x C`` logits.
+``B x K x C`` logits. With ``task: pretrain`` each clip comes with one of its captions and
+the loss is the symmetric InfoNCE over the global batch (``train.contrastive``); validation
+is then text/video retrieval (``eval.retrieval``).
 
 Who owns what: the train loader owns the data position (the only epoch counter: an epoch
 ends on a step boundary), the ``CheckpointManager`` (``claver_dist.checkpoint``) owns
@@ -37,8 +39,10 @@ from claver_dist.data.loader import build_loader
 from claver_dist.distributed import DistEnv
 from claver_dist.errors import ConfigChangeError, NonFiniteLossError
 from claver_dist.eval.evaluate import class_text_features, evaluate
+from claver_dist.eval.retrieval import embed_pairs, retrieval_metrics
 from claver_dist.model.weights import build_model_for
 from claver_dist.text.prompts import load_bank, tokenize, trim_padding
+from claver_dist.train.contrastive import contrastive_loss
 from claver_dist.train.engine import build_engine
 from claver_dist.train.loss import soft_target_cross_entropy
 from claver_dist.train.metrics import MetricsWriter, count_flops, peak_flops, peak_memory_gb
@@ -89,11 +93,15 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, d, config=to_dict(cfg))
         if d.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.bank = load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
-        A, C = self.bank.num_variants, self.bank.num_classes
-        # trimmed once here: the step's tokens go to the device as they are (no length read there)
-        texts = self.bank.variant_texts(list(range(A)))
-        self.tokens = trim_padding(tokenize(texts, cfg.text.context_length)).view(A, C, -1)
+        self.pretrain = cfg.task == "pretrain"
+        if self.pretrain:  # captions come with the clips: no classes, no prompt bank
+            self.bank, self.tokens, A, C = None, None, 0, None
+        else:
+            self.bank = load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
+            A, C = self.bank.num_variants, self.bank.num_classes
+            # trimmed once here: the step's tokens go to the device as they are (no length read there)
+            texts = self.bank.variant_texts(list(range(A)))
+            self.tokens = trim_padding(tokenize(texts, cfg.text.context_length)).view(A, C, -1)
 
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank
         model, fresh = build_model_for(cfg)
@@ -101,19 +109,21 @@ class Trainer:
             for name, p in model.named_parameters():
                 if name.startswith("clip.") and not name.startswith("clip.visual."):
                     p.requires_grad_(False)
-        self.model_flops = self._count_model_flops(model) if cfg.log.count_flops else None
+        # pretraining's text work follows its captions' lengths: no FLOP count (nor MFU) there yet
+        self.model_flops = self._count_model_flops(model) if cfg.log.count_flops and not self.pretrain else None
 
         accum = cfg.train.grad_accum = self._grad_accum_for_resume()
         self.train_loader = build_loader(cfg.data, "train", d.rank, d.world_size, cfg.seed, num_classes=C,
-                                         device=self.device.type, grad_accum=accum)
+                                         device=self.device.type, grad_accum=accum, captions=self.pretrain)
         self.val_loader = (build_loader(cfg.data, "val", d.rank, d.world_size, cfg.seed, num_classes=C,
-                                        device=self.device.type) if cfg.data.val_shards else None)
+                                        device=self.device.type, captions=self.pretrain)
+                           if cfg.data.val_shards else None)
         self.steps_per_epoch = len(self.train_loader) // accum
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         t = cfg.train
-        self.mixup = build_mixup(C, t.mixup_alpha, t.cutmix_alpha, t.mixup_switch_prob, t.mixup_prob,
-                                 t.label_smoothing)
+        self.mixup = None if self.pretrain else build_mixup(C, t.mixup_alpha, t.cutmix_alpha, t.mixup_switch_prob,
+                                                            t.mixup_prob, t.label_smoothing)
 
         self.engine, self.scheduler = build_engine(model, cfg.train, cfg.optim, cfg.data.batch_size, d.world_size,
                                                    self.total_steps, warmup, load_universal=self.ckpt.resume_universal)
@@ -129,13 +139,15 @@ class Trainer:
                      " via a universal checkpoint" if resumed.universal else "")
         elif fresh and cfg.model.pretrained:
             log.info("fresh parameters: %s", ", ".join(fresh))
-        self.text_cache = self._frozen_text_features() if not cfg.model.train_text else None
+        self.text_cache = self._frozen_text_features() if not (cfg.model.train_text or self.pretrain) else None
         self.metrics = MetricsWriter(self.run_dir, d.is_main, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project,
                                      cfg.log.wandb_mode, cfg.name)
         self.peak = peak_flops(self.device, cfg.log.peak_tflops)
-        log.info("run %s: %d processes (%s, %s), %d steps (%d per epoch), total batch %d, %d classes x %d variants",
+        log.info("run %s: %d processes (%s, %s), %d steps (%d per epoch), total batch %d, %s",
                  self.run_dir, d.world_size, d.backend, self.device.type, self.total_steps, self.steps_per_epoch,
-                 cfg.data.batch_size * accum * d.world_size, C, A)
+                 cfg.data.batch_size * accum * d.world_size,
+                 "video-text pretraining (negatives: the %d clips of a micro-batch over all ranks)"
+                 % (cfg.data.batch_size * d.world_size) if self.pretrain else f"{C} classes x {A} variants")
 
     def _grad_accum_for_resume(self) -> int:
         """``train.grad_accum`` for this world size. Resumed on another world size with the
@@ -415,9 +427,10 @@ class Trainer:
         Host synchronisation: one per step (``_agree``), plus one per micro-batch with
         ``train.on_nonfinite=skip``; losses and flags stay on the device until then."""
         self._reseed()
+        if self.pretrain:
+            return self._pretrain_step(batches)
         K = self.cfg.text.num_sampled_variants
         per_micro = self.cfg.text.variant_sampling == "per_micro_batch"
-        skip = self.cfg.train.on_nonfinite == "skip"
         idx = self.bank.sample_indices(K, torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step))
         K = len(idx)
         once = self.text_cache is None and self.cfg.text.encode_once_per_step and not per_micro
@@ -439,14 +452,7 @@ class Trainer:
             else:
                 feats = self._step_text_features(idx)
             logits = self.engine(video.to(self.dtype), num_variants=K, text_features=feats)
-            loss = soft_target_cross_entropy(logits, target)
-            finite = torch.isfinite(loss.detach())
-            if skip:
-                loss, dropped = self._skip_if_nonfinite(loss, f"epoch {self.epoch}, micro-batch {i + 1} of {n}")
-                stats[i] = float(dropped)
-            else:
-                stats[i] = (~finite).double()
-            stats[n] += torch.where(finite, loss.detach().double(), 0.0)
+            loss = self._account(soft_target_cross_entropy(logits, target), stats, i, n)
             if leaf is not None and last and leaf.grad is not None:
                 # DeepSpeed divides every micro-batch loss by grad_accum; the accumulated
                 # leaf gradient already carries that factor, so undo it for this term.
@@ -460,6 +466,41 @@ class Trainer:
             self.engine.optimizer.overflow = False
         return {"loss": mean_loss}
 
+    def _pretrain_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimiser step of video-text pretraining: per micro-batch, every rank encodes its
+        clips and their captions, and the symmetric InfoNCE runs over the clips of all ranks
+        (``train.contrastive``: all-gather with autograd, each rank's own rows)."""
+        n = len(batches)
+        stats = torch.zeros(n + 3, dtype=torch.float64, device=self.device)  # flags, loss sum, grads, stop
+        for i, batch in enumerate(batches):
+            video = batch["video"].to(self.device, non_blocking=True).to(self.dtype)
+            tokens = trim_padding(tokenize(batch["caption"], self.cfg.text.context_length))
+            with torch.set_grad_enabled(self.cfg.model.train_text):
+                text = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+            loss = contrastive_loss(self.model.encode_video(video), text, self.model.logit_scale,
+                                    self.model.logit_scale_max)
+            self.engine.backward(self._account(loss, stats, i, n))
+            if i == n - 1:
+                mean_loss, overflowed, self._agreed_stop = self._agree(stats, n)
+            self.engine.step()
+        if overflowed:  # as in train_step
+            self.engine.optimizer.check_grad_overflow = False
+            self.engine.optimizer.overflow = False
+        return {"loss": mean_loss}
+
+    def _account(self, loss: torch.Tensor, stats: torch.Tensor, i: int, n: int) -> torch.Tensor:
+        """Record micro-batch ``i`` of ``n`` in the step's device stats (its non-finite flag and
+        finite loss); with ``train.on_nonfinite=skip`` the ranks agree on it now. Returns the
+        loss to back-propagate."""
+        finite = torch.isfinite(loss.detach())
+        if self.cfg.train.on_nonfinite == "skip":
+            loss, dropped = self._skip_if_nonfinite(loss, f"epoch {self.epoch}, micro-batch {i + 1} of {n}")
+            stats[i] = float(dropped)
+        else:
+            stats[i] = (~finite).double()
+        stats[n] += torch.where(finite, loss.detach().double(), 0.0)
+        return loss
+
     def _step_text_features(self, idx: list[int]) -> torch.Tensor:
         tokens = self.tokens[idx].flatten(0, 1)
         if self.cfg.text.shard_text:
@@ -467,6 +508,8 @@ class Trainer:
         return self.model.encode_text(tokens.to(self.device, non_blocking=True))
 
     def _validate(self) -> dict[str, Any]:
+        if self.pretrain:
+            return self._validate_retrieval()
         result = self.evaluate()
         best = result["top1"] > self.best_top1
         if best:
@@ -478,6 +521,26 @@ class Trainer:
         log.info("val step %d: top-1 %.2f%%, top-5 %.2f%% on %d clips%s", self.step, 100 * result["top1"],
                  100 * result["top5"], result["num_samples"], " (best)" if best else "")
         return result
+
+    def _validate_retrieval(self) -> dict[str, Any]:
+        """Text->video and video->text retrieval on the captioned val split; the best
+        checkpoint is the one with the highest mean R@1 (kept in ``best_top1``)."""
+        beat = self.watchdog.beat if self.watchdog is not None else None
+        _, video, text = embed_pairs(self.model, self.val_loader, self.device, self.dtype,
+                                     self.cfg.text.context_length, on_batch=beat)
+        r = retrieval_metrics(video, text)
+        best = r.get("r1_mean", -1.0) > self.best_top1
+        if best:
+            self.best_top1 = r["r1_mean"]
+            if self.dist.is_main:
+                (self.run_dir / "best.txt").write_text(f"step {self.step} r1_mean {r['r1_mean']:.4f}\n")
+        self.metrics.write({"step": self.step, "epoch": self.epoch, "best": best,
+                            **{f"val_{k}": v for k, v in r.items()}})
+        if r["num_samples"]:
+            log.info("val step %d: text->video R@1 %.2f%% R@5 %.2f%% R@10 %.2f%% MdR %g, video->text R@1 %.2f%% "
+                     "on %d pairs%s", self.step, 100 * r["t2v_r1"], 100 * r["t2v_r5"], 100 * r["t2v_r10"],
+                     r["t2v_median_rank"], 100 * r["v2t_r1"], r["num_samples"], " (best)" if best else "")
+        return r
 
     def evaluate(self, loader=None) -> dict[str, Any]:
         """Single-view top-1/top-5 on the val loader, text features once, averaged over all variants."""
