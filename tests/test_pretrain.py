@@ -43,12 +43,14 @@ def captioned(tmp_path_factory) -> Path:
 
 
 def pretrain(data: Path, run_dir: Path, *extra: str, nproc: int = 2, **kw):
-    return launch(nproc, data, run_dir, "text.labels=", *extra, config="configs/pretrain_debug.yaml", **kw)
+    return launch(nproc, data, run_dir, *extra, config="configs/pretrain_debug.yaml", **kw)
 
 
 def test_pretraining_trains_validates_resumes_and_exports(captioned, motion_shards, tmp_path):
+    # zero-shot on a labelled split with its class prompts, beside retrieval
     common = ("train.max_steps=8", "checkpoint.every_steps=4", "train.val_every_epochs=1", "optim.warmup_epochs=0",
-              "optim.lr=5e-4", "train.precision=fp32")
+              "optim.lr=5e-4", "train.precision=fp32", f"data.zeroshot_shards={motion_shards}",
+              f"text.labels={motion_shards / 'labels.csv'}")
     ref = tmp_path / "ref"
     pretrain(captioned, ref, *common)
     got = losses(ref)
@@ -60,6 +62,7 @@ def test_pretraining_trains_validates_resumes_and_exports(captioned, motion_shar
         assert r["val_num_samples"] == 16  # every val clip once, over 2 ranks
         assert 0 <= r["val_t2v_r1"] <= r["val_t2v_r5"] <= r["val_t2v_r10"] <= 1
         assert 1 <= r["val_t2v_median_rank"] <= 16 and 1 <= r["val_v2t_median_rank"] <= 16
+        assert r["val_zeroshot_samples"] == 16 and 0 <= r["val_zeroshot_top1"] <= r["val_zeroshot_top5"] <= 1
     assert (ref / "best.txt").read_text().startswith("step ")
     assert (ref / "export/model.safetensors").is_file() and (ref / "finished").is_file()
 

@@ -19,6 +19,10 @@ class DataConfig:
     # split names inside a shard directory's manifest (make_shards.py --split).
     train_split: str = "train"
     val_split: str = "val"
+    # task=pretrain: a labelled shard set scored zero-shot at every validation (with
+    # text.labels and text.bank), beside retrieval on val_shards; "" = none.
+    zeroshot_shards: str = ""
+    zeroshot_split: str = "val"
     num_frames: int = 8
     image_size: int = 224
     # per-process micro-batch.

@@ -19,6 +19,7 @@ at every step, so a resumed run draws exactly the numbers the uninterrupted one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -65,6 +66,7 @@ class Trainer:
         self.run_dir = cfg.resolved_run_dir()
         self.step = 0                 # optimiser steps done
         self.best_top1 = -1.0
+        self.val_loader = self.zeroshot_loader = None
         self._stop_pending = False    # this rank's request (a signal); all ranks agree once per step
         self._agreed_stop = False     # what they agreed at the last step
         self.bad_micro_steps = 0
@@ -94,8 +96,10 @@ class Trainer:
         if d.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.pretrain = cfg.task == "pretrain"
-        if self.pretrain:  # captions come with the clips: no classes, no prompt bank
-            self.bank, self.tokens, A, C = None, None, 0, None
+        if self.pretrain:  # captions come with the clips: no classes (a prompt bank only for zero-shot)
+            self.tokens, A, C = None, 0, None
+            self.bank = (load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
+                         if cfg.data.zeroshot_shards else None)
         else:
             self.bank = load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
             A, C = self.bank.num_variants, self.bank.num_classes
@@ -118,6 +122,11 @@ class Trainer:
         self.val_loader = (build_loader(cfg.data, "val", d.rank, d.world_size, cfg.seed, num_classes=C,
                                         device=self.device.type, captions=self.pretrain)
                            if cfg.data.val_shards else None)
+        self.zeroshot_loader = None
+        if self.pretrain and cfg.data.zeroshot_shards:
+            zs = dataclasses.replace(cfg.data, val_shards=cfg.data.zeroshot_shards, val_split=cfg.data.zeroshot_split)
+            self.zeroshot_loader = build_loader(zs, "val", d.rank, d.world_size, cfg.seed,
+                                                num_classes=self.bank.num_classes, device=self.device.type)
         self.steps_per_epoch = len(self.train_loader) // accum
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -529,6 +538,9 @@ class Trainer:
         _, video, text = embed_pairs(self.model, self.val_loader, self.device, self.dtype,
                                      self.cfg.text.context_length, on_batch=beat)
         r = retrieval_metrics(video, text)
+        if self.zeroshot_loader is not None:  # the prompt bank's classes on a labelled split
+            zs = self.evaluate(self.zeroshot_loader)
+            r.update(zeroshot_top1=zs["top1"], zeroshot_top5=zs["top5"], zeroshot_samples=zs["num_samples"])
         best = r.get("r1_mean", -1.0) > self.best_top1
         if best:
             self.best_top1 = r["r1_mean"]
@@ -538,8 +550,10 @@ class Trainer:
                             **{f"val_{k}": v for k, v in r.items()}})
         if r["num_samples"]:
             log.info("val step %d: text->video R@1 %.2f%% R@5 %.2f%% R@10 %.2f%% MdR %g, video->text R@1 %.2f%% "
-                     "on %d pairs%s", self.step, 100 * r["t2v_r1"], 100 * r["t2v_r5"], 100 * r["t2v_r10"],
-                     r["t2v_median_rank"], 100 * r["v2t_r1"], r["num_samples"], " (best)" if best else "")
+                     "on %d pairs%s%s", self.step, 100 * r["t2v_r1"], 100 * r["t2v_r5"], 100 * r["t2v_r10"],
+                     r["t2v_median_rank"], 100 * r["v2t_r1"], r["num_samples"],
+                     f"; zero-shot top-1 {100 * r['zeroshot_top1']:.2f}%" if "zeroshot_top1" in r else "",
+                     " (best)" if best else "")
         return r
 
     def evaluate(self, loader=None) -> dict[str, Any]:
@@ -630,6 +644,8 @@ class Trainer:
         self.train_loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
+        if self.zeroshot_loader is not None:
+            self.zeroshot_loader.close()
         if self._keys_file is not None:
             self._keys_file.close()
         if self.watchdog is not None:
