@@ -353,9 +353,14 @@ def model_cost(cfg) -> dict[str, float]:
     vision = c.get_total_flops()
     text = 0
     if cfg.model.train_text:
-        bank = load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
-        k = min(cfg.text.num_sampled_variants, bank.num_variants)
-        tokens = tokenize(bank.variant_texts(list(range(k))), cfg.text.context_length)
+        if cfg.task == "pretrain":
+            # one caption per clip of the step; their lengths vary: counted at 32 tokens
+            # (a WebVid-style caption of ~15 words is 20-30)
+            tokens = tokenize(["a" + " a" * 29] * (cfg.data.batch_size * cfg.train.grad_accum), 32)
+        else:
+            bank = load_bank(cfg.text.labels, cfg.text.bank, cfg.text.kinds, cfg.text.use_templates)
+            k = min(cfg.text.num_sampled_variants, bank.num_variants)
+            tokens = tokenize(bank.variant_texts(list(range(k))), cfg.text.context_length)
         n = int(tokens.argmax(-1).max()) + 1  # what encode_text trims to (meta tensors have no values)
         with FlopCounterMode(display=False) as c:
             model.encode_text(tokens[:, :n].to("meta")).sum().backward()
@@ -586,9 +591,10 @@ def run(config: str, overrides: list[str], opts: PreflightOptions | None = None)
     barrier()
 
     def loader_rate() -> tuple[float, int]:
-        num_classes = len(load_labels(cfg.text.labels)) if cfg.text.labels else None
+        pretrain = cfg.task == "pretrain"
+        num_classes = len(load_labels(cfg.text.labels)) if cfg.text.labels and not pretrain else None
         loader = build_loader(cfg.data, "train", d.rank, d.world_size, cfg.seed, num_classes=num_classes,
-                              device=device.type, grad_accum=cfg.train.grad_accum)
+                              device=device.type, grad_accum=cfg.train.grad_accum, captions=pretrain)
         try:
             r.steps_per_epoch = len(loader) // cfg.train.grad_accum
             return measure_loader(loader, opts, d.rank, cfg.data.num_workers)

@@ -80,3 +80,23 @@ def test_pretraining_trains_validates_resumes_and_exports(captioned, motion_shar
     # every weight comes from the export: nothing is left freshly initialised
     assert f"loaded claver-debug ({ref / 'export/model.safetensors'}); freshly initialised: none" in log, log[-3000:]
     assert sorted(losses(fine)) == [1, 2]
+
+
+def test_preflight_of_a_pretraining_run(captioned, tmp_path):
+    """The preflight reads the captioned shards with the pretraining loader and counts the
+    caption work per step (no prompt bank)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("CLAVER_LAUNCH_ID", None)
+    res = subprocess.run([sys.executable, str(REPO / "launch/local.py"), "--preflight", "--nproc", "1",
+                          str(REPO / "configs/pretrain_debug.yaml"), f"data.train_shards={captioned}",
+                          f"data.val_shards={captioned}", f"run_dir={run_dir}", "data.num_workers=0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["passed"] and report["ranks"][0]["clips_per_s"] > 0
+    assert report["model"]["text_flops_per_step"] > 0 and report["model"]["vision_flops_per_clip"] > 0
