@@ -138,6 +138,13 @@ def _make_agent_class():
             super()._rendezvous(worker_group)
             RecordingAgent._starts += 1
             os.environ["CLAVER_ATTEMPT"] = str(RecordingAgent._starts - 1)  # inherited by the workers
+            # --max-failures is the job's budget, not each node's: torch's agent counts only the
+            # restarts its own workers' failures caused, and an agent that followed another
+            # node's restart (a membership change) kept its count, so after the budget was spent
+            # it would record a restart the closed rendezvous then refuses. Every start after
+            # the first spends one restart on every node.
+            spent = RecordingAgent._starts - 1
+            self._remaining_restarts = min(self._remaining_restarts, worker_group.spec.max_restarts - spent)
 
         def _start_workers(self, worker_group):
             # The trainers start with the stop signals blocked (a mask survives exec) and unblock
@@ -226,6 +233,22 @@ def find_trainer(run_dir: Path, rank: int):
     return None
 
 
+def _failed_elsewhere(run: ElasticRun, own_ranks: set[int], wait_s: float = 5.0) -> bool:
+    """Whether another node recorded a final failure of its own (not a lost peer) in this
+    launch; its agent writes the record as it gives up, so wait a little for it."""
+    path = run.run_dir / "restarts.jsonl"
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if any(r.get("kind") == "failure" and r.get("launch") == run.rdzv_id and not r.get("restarted")
+               and r.get("rank") not in own_ranks and r.get("cause") != "killed by SIGTERM"
+               and not _PEER_LOST.search(r.get("cause", "")) for r in records):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 def run_elastic(run: ElasticRun) -> int:
     """Run the workers to the end; 0 when they finished or stopped cleanly, else the failure's code."""
     global _RUN
@@ -255,6 +278,14 @@ def run_elastic(run: ElasticRun) -> int:
             if (run.run_dir / "restarts.jsonl").exists() else []
         failures = [r for r in records if r.get("kind") == "failure" and r.get("launch") == run.rdzv_id]
         restarts = sum(r["restarted"] for r in failures)
+        lost_peer = first.exitcode == -signal.SIGTERM or bool(_PEER_LOST.search(_message_text(first.message)))
+        if lost_peer and run.is_host is not None and (not run.is_host or _failed_elsewhere(run, set(e.failures))):
+            # the summary comes from the node where the failure began: a node whose workers
+            # only lost their peers (or were stopped by its agent) would name that as the
+            # cause. Where every node only lost peers, the host's agent prints it.
+            print(f"claver-launch: this node's workers ended: {_cause(first.exitcode, first.message)} (the run's "
+                  f"failures, on every node: {run.run_dir / 'restarts.jsonl'})", file=sys.stderr, flush=True)
+            return code
         print(f"claver-launch: the run failed: {_cause(first.exitcode, first.message)} "
               f"(after {restarts} restarts, --max-failures {run.max_failures}; every failure in "
               f"{run.run_dir / 'restarts.jsonl'})", file=sys.stderr, flush=True)
