@@ -60,12 +60,13 @@ def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch
         scale = scale.clamp(max=math.log(logit_scale_max))
     scale = scale.exp().reshape(())
     rank, world = _world()
-    all_video, all_text = gather_with_grad(video.float()), gather_with_grad(text.float())
+    video, text = video.float(), text.float()
+    all_video, all_text = gather_with_grad(video), gather_with_grad(text)
     if local_loss:
         b = video.shape[0]
         targets = torch.arange(rank * b, (rank + 1) * b, device=video.device)
-        per_video = scale * video.float() @ all_text.T   # [B, W*B]
-        per_text = scale * text.float() @ all_video.T    # [B, W*B]
+        per_video = scale * video @ all_text.T   # [B, W*B]
+        per_text = scale * text @ all_video.T    # [B, W*B]
     else:
         targets = torch.arange(all_video.shape[0], device=video.device)
         per_video = scale * all_video @ all_text.T       # [W*B, W*B]

@@ -122,7 +122,6 @@ class Trainer:
         self.val_loader = (build_loader(cfg.data, "val", d.rank, d.world_size, cfg.seed, num_classes=C,
                                         device=self.device.type, captions=self.pretrain)
                            if cfg.data.val_shards else None)
-        self.zeroshot_loader = None
         if self.pretrain and cfg.data.zeroshot_shards:
             zs = dataclasses.replace(cfg.data, val_shards=cfg.data.zeroshot_shards, val_split=cfg.data.zeroshot_split)
             self.zeroshot_loader = build_loader(zs, "val", d.rank, d.world_size, cfg.seed,
@@ -470,9 +469,7 @@ class Trainer:
             if last:
                 mean_loss, overflowed, self._agreed_stop = self._agree(stats, n)
             self.engine.step()
-        if overflowed:  # back to the trainer's check; DeepSpeed only clears its flag when it checks
-            self.engine.optimizer.check_grad_overflow = False
-            self.engine.optimizer.overflow = False
+        self._after_overflow(overflowed)
         return {"loss": mean_loss}
 
     def _pretrain_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -492,10 +489,15 @@ class Trainer:
             if i == n - 1:
                 mean_loss, overflowed, self._agreed_stop = self._agree(stats, n)
             self.engine.step()
-        if overflowed:  # as in train_step
+        self._after_overflow(overflowed)
+        return {"loss": mean_loss}
+
+    def _after_overflow(self, overflowed: bool) -> None:
+        """After a step skipped for non-finite gradients, the check goes back to the trainer
+        (``_agree``): DeepSpeed only clears its flag when it checks itself."""
+        if overflowed:
             self.engine.optimizer.check_grad_overflow = False
             self.engine.optimizer.overflow = False
-        return {"loss": mean_loss}
 
     def _account(self, loss: torch.Tensor, stats: torch.Tensor, i: int, n: int) -> torch.Tensor:
         """Record micro-batch ``i`` of ``n`` in the step's device stats (its non-finite flag and
