@@ -209,6 +209,36 @@ def measure_read(ranges: list[tuple[Path, int, int]], opts: PreflightOptions, ra
             os.close(fd)
 
 
+def measure_stream_read(urls: list[str], opts: PreflightOptions, rank: int, world: int) -> tuple[float, int, int]:
+    """``measure_read`` for streamed shards: this rank's shards (every world-th) read in
+    sequence through fsspec, as the streaming loader reads them, for ``read_s``."""
+    from claver_dist.data.stream import _open
+
+    mine = urls[rank::world] or [urls[rank % len(urls)]]
+    best, total, i = 0.0, 0, 0
+    f = None
+    try:
+        for _ in range(opts.windows):
+            done, elapsed = 0, 0.0
+            while elapsed < opts.read_s / opts.windows:
+                if f is None:
+                    f = _open(mine[i % len(mine)])
+                    i += 1
+                t = time.perf_counter()
+                data = f.read(1 << 20)
+                _stall(opts, rank, time.perf_counter() - t)
+                elapsed += time.perf_counter() - t
+                if not data:
+                    f.close()
+                    f = None
+                done += len(data)
+            best, total = max(best, done / elapsed), total + done
+    finally:
+        if f is not None:
+            f.close()
+    return best, total, math.ceil(i / len(mine))
+
+
 def measure_loader(loader, opts: PreflightOptions, rank: int, num_workers: int) -> tuple[float, int]:
     """(clips/s, clips timed) of this rank's train loader: after a first batch (worker
     start-up), at least ``loader_batches`` (and 2 x the data workers) batches and
@@ -290,6 +320,7 @@ def run(config: str, overrides: list[str], opts: PreflightOptions | None = None)
     from claver_dist.config import load_config
     from claver_dist.data.loader import build_loader
     from claver_dist.data.shards import resolve_shards
+    from claver_dist.data.stream import is_url, stream_shards
     from claver_dist.distributed import DistEnv
     from claver_dist.text.prompts import load_labels
     from claver_dist.train.engine import deepspeed_config
@@ -325,9 +356,16 @@ def run(config: str, overrides: list[str], opts: PreflightOptions | None = None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # 3. reads of distinct byte ranges of the train shards
+    # 3. reads of distinct byte ranges of the train shards (streamed shards: whole shards by URL)
     barrier()
-    tars = _measure(r, "shards", lambda: resolve_shards(cfg.data.train_shards, cfg.data.train_split)[0])
+    if cfg.data.access == "stream" or (cfg.data.access == "auto" and is_url(cfg.data.train_shards)):
+        tars = None
+        rd = _measure(r, "read", lambda: measure_stream_read(
+            [s.url for s in stream_shards(cfg.data.train_shards, cfg.data.train_split)[0]], opts, d.rank, d.world_size))
+        if rd is not None:
+            r.read_mbs, r.read_bytes, r.read_passes = rd[0] / 1e6, rd[1], rd[2]
+    else:
+        tars = _measure(r, "shards", lambda: resolve_shards(cfg.data.train_shards, cfg.data.train_split)[0])
     if tars is not None:
         rd = _measure(r, "read", lambda: measure_read(read_ranges(tars, d.rank, d.world_size), opts, d.rank))
         if rd is not None:

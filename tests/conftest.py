@@ -15,10 +15,11 @@ CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts/slurm_cluster
 
 
 def build_motion_shards(root: Path, classes: list[int] | None = None, num_classes: int = 4,
-                        per_class: int = 12, val_per_class: int = 4) -> Path:
+                        per_class: int = 12, val_per_class: int = 4, shard_args: tuple[str, ...] = ()) -> Path:
     """Synthetic motion videos -> ``root/shards`` (train + val) + ``labels.csv`` there.
 
-    ``classes`` picks motion classes by index (default: the first ``num_classes``)."""
+    ``classes`` picks motion classes by index (default: the first ``num_classes``);
+    ``shard_args``: more ``tools/make_shards.py`` arguments (e.g. ``--shard-samples``)."""
     from claver_dist.data.synthetic import MOTION_CLASSES, MotionSpec, write_motion_dataset
     from tools.make_shards import main as make_shards
 
@@ -35,7 +36,7 @@ def build_motion_shards(root: Path, classes: list[int] | None = None, num_classe
         paths["labels"].write_text("id,name\n" + "".join(f"{i},{MOTION_CLASSES[c][0]}\n" for i, c in enumerate(classes)))
     for split in ("train", "val"):
         rc = make_shards([str(paths[split]), "--labels", str(paths["labels"]), "--out", str(shards),
-                          "--split", split, "--short-side", "64", "--workers", "1", "--no-progress"])
+                          "--split", split, "--short-side", "64", "--workers", "1", "--no-progress", *shard_args])
         assert rc == 0
     (shards / "labels.csv").write_text(paths["labels"].read_text())
     return shards

@@ -28,11 +28,11 @@ def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
             f"run_dir={run_dir}", "data.batch_size=4", "data.num_workers=0", *extra]
 
 
-def local_preflight(data: Path, run_dir: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+def local_preflight(data: Path, run_dir: Path, env: dict[str, str] | None = None, *extra: str) -> tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("CLAVER_LAUNCH_ID", None)
     res = subprocess.run([PY, str(REPO / "launch/local.py"), "--preflight", "--nproc", "2",
-                          str(REPO / "configs/debug.yaml"), *overrides(data, run_dir)],
+                          str(REPO / "configs/debug.yaml"), *overrides(data, run_dir, *extra)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return res.returncode, res.stdout + res.stderr
 

@@ -13,7 +13,8 @@ class DataConfig:
     # dali: GPU decode + augment ('mixed' on CUDA, 'cpu' for VP8/VP9/MJPEG);
     # cpu: webdataset + PyAV in DataLoader workers (any codec); auto: dali on CUDA.
     backend: Literal["auto", "cpu", "dali"] = "auto"
-    # shard directory (holding manifest.json) or a brace pattern of .tar files.
+    # shard directory (holding manifest.json) or a brace pattern of .tar files; a shard
+    # directory may be a URL (s3://, gs://, http(s)://, file://): its shards are streamed.
     train_shards: str = ""
     val_shards: str = ""
     # split names inside a shard directory's manifest (make_shards.py --split).
@@ -23,6 +24,15 @@ class DataConfig:
     # text.labels and text.bank), beside retrieval on val_shards; "" = none.
     zeroshot_shards: str = ""
     zeroshot_split: str = "val"
+    # random: read samples by byte offset (local shards, exact per-sample shuffle); stream:
+    # read whole shards in sequence through fsspec (object storage, data/stream.py);
+    # auto: stream URLs, random-access paths.
+    access: Literal["auto", "random", "stream"] = "auto"
+    # stream: samples per shuffle block of each stream (held in memory, encoded).
+    stream_buffer: int = 128
+    # stream: reopen a shard this many times after a failed read before its unread
+    # samples count as bad.
+    stream_retries: int = 3
     num_frames: int = 8
     image_size: int = 224
     # per-process micro-batch.
@@ -48,6 +58,8 @@ class DataConfig:
         for name in ("num_frames", "image_size", "batch_size", "prefetch"):
             require(getattr(self, name) >= 1, f"data.{name}", ">= 1", getattr(self, name))
         require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        require(self.stream_buffer >= 1, "data.stream_buffer", ">= 1", self.stream_buffer)
+        require(self.stream_retries >= 0, "data.stream_retries", ">= 0", self.stream_retries)
         require(bool(self.crop_scales) and all(0 < s <= 1 for s in self.crop_scales), "data.crop_scales",
                 "in (0, 1]", self.crop_scales)
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob"):

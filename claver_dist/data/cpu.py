@@ -23,8 +23,8 @@ import torch
 
 from claver_dist.data.augment import crop_resize, sample_colors
 from claver_dist.data.config import DataConfig
-from claver_dist.data.plan import (BatchJob, SampleContext, SampleResult, finish_batch, finish_pixels, prepare,
-                                   slot_result, to_views)
+from claver_dist.data.plan import (BatchJob, Prepared, SampleContext, SampleResult, finish_batch, finish_pixels,
+                                   prepare, slot_result, to_views)
 from claver_dist.data.shards import ShardSet
 from claver_dist.data.video import decode_frames
 from claver_dist.errors import SampleError, VideoError
@@ -35,19 +35,26 @@ logger = logging.getLogger("claver_dist.data")
 def decode_sample(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext, size: int) -> SampleResult:
     """One sample -> uint8 ``[T, 3, S, S]`` (or ``[V, T, 3, S, S]``) cropped and resized, with
     its flip and colour still to apply (``plan.finish_pixels``), or a result carrying the error."""
-    key = shards.keys[gid]
     try:
         p = prepare(shards, gid, epoch, ctx)
+    except (SampleError, VideoError) as e:
+        return SampleResult(gid, shards.keys[gid], error=str(e))
+    return decode_prepared(p, ctx, size)
+
+
+def decode_prepared(p: Prepared, ctx: SampleContext, size: int) -> SampleResult:
+    """``decode_sample`` for a sample already read and prepared (``plan.prepare_loaded``)."""
+    try:
         frames = decode_frames(p.data, p.indices, cfr=bool(p.meta.get("cfr")), keyint=int(p.meta.get("keyint", 0)))
         if frames.shape[1:3] != (p.meta["height"], p.meta["width"]):
             raise SampleError(f"decoded {frames.shape[2]}x{frames.shape[1]}, metadata says {p.meta['width']}x{p.meta['height']}")
         v = crop_resize(frames, p.params, size)  # uint8 [crops, clips*T, 3, S, S]
     except (SampleError, VideoError) as e:
-        return SampleResult(gid, key, error=str(e))
+        return SampleResult(p.gid, p.key, error=str(e))
     except Exception as e:  # noqa: BLE001 - garbage input can surface anywhere in a decoder stack
-        return SampleResult(gid, key, error=f"unexpected {type(e).__name__}: {e}")
+        return SampleResult(p.gid, p.key, error=f"unexpected {type(e).__name__}: {e}")
     v = to_views(v[None], ctx.clips, ctx.crops, ctx.num_frames)[0]
-    return SampleResult(gid, key, p.label, v.contiguous(), colors=sample_colors(p.params), caption=p.caption)
+    return SampleResult(p.gid, p.key, p.label, v.contiguous(), colors=sample_colors(p.params), caption=p.caption)
 
 
 class _Batches(torch.utils.data.Dataset):

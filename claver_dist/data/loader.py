@@ -57,6 +57,7 @@ from claver_dist.data.augment import AugmentSpec
 from claver_dist.data.config import DataConfig
 from claver_dist.data.plan import Backend, Partition, SampleContext, finish_pixels
 from claver_dist.data.shards import ShardError, ShardSet, resolve_shards
+from claver_dist.data.stream import StreamLoader, build_stream_loader, is_url
 
 logger = logging.getLogger("claver_dist.data")
 
@@ -203,13 +204,14 @@ def build_loader(
     views: tuple[int, int] = (1, 1),
     grad_accum: int = 1,
     captions: bool = False,
-) -> VideoLoader:
+) -> VideoLoader | StreamLoader:
     """A loader for ``split`` ("train" or "val") of this rank.
 
     ``views`` = (temporal clips, spatial crops) for val; train always uses one random
     view. ``backend="auto"`` picks DALI when ``device`` is CUDA, else the CPU backend.
     ``num_classes`` is checked against the shard manifest when both are known.
     ``grad_accum`` (train): an epoch holds a multiple of this many batches.
+    Shards named by URL (or ``data.access=stream``) are read as streams (``stream.py``).
     ``captions``: the shards must be captioned (video-text pretraining); batches then hold
     one caption per sample (``batch["caption"]``, drawn per epoch by ``sampling.pick_caption``).
     """
@@ -222,16 +224,7 @@ def build_loader(
     if clips < 1 or crops not in (1, 3):
         raise ValueError(f"views must be (clips >= 1, crops in {{1, 3}}), got {views}")
     spec_str = cfg.train_shards if train else cfg.val_shards
-    tars, manifest = resolve_shards(spec_str, cfg.train_split if train else cfg.val_split)
-    shards = ShardSet(tars, manifest)
-    if manifest is not None and captions and manifest.get("annotation") != "captions":
-        raise ShardError(f"{spec_str}: a labelled shard set; video-text pretraining needs captioned shards "
-                         "(tools/make_shards.py with caption annotations, docs/data.md)")
-    if manifest is not None and num_classes is not None and manifest.get("annotation") == "captions":
-        raise ShardError(f"{spec_str}: a captioned shard set (videos with captions, no class labels, "
-                         "tools/make_shards.py); classification needs labelled shards")
-    if manifest is not None and num_classes is not None and manifest.get("num_classes") not in (None, num_classes):
-        raise ShardError(f"{spec_str}: shards have {manifest['num_classes']} classes, the run expects {num_classes}")
+    split_name = cfg.train_split if train else cfg.val_split
     spec = AugmentSpec(
         size=cfg.image_size,
         crop_scales=tuple(cfg.crop_scales),
@@ -242,6 +235,24 @@ def build_loader(
         grayscale_prob=cfg.grayscale_prob,
     )
     ctx = SampleContext(seed, train, cfg.num_frames, clips, crops, spec, cfg.verify_checksum)
+    if cfg.access == "stream" or (cfg.access == "auto" and is_url(spec_str)):
+        if cfg.backend == "dali":
+            raise ValueError("data.backend=dali reads shards by offset; streamed shards (data.access) decode with "
+                             "data.backend=cpu or auto")
+        return build_stream_loader(cfg, split, spec_str, split_name, rank, world_size, seed, num_classes, device,
+                                   views, grad_accum, captions, ctx)  # fmt: skip
+    if is_url(spec_str):
+        raise ShardError(f"{spec_str}: a URL is read as a stream; set data.access to stream or auto")
+    tars, manifest = resolve_shards(spec_str, split_name)
+    shards = ShardSet(tars, manifest)
+    if manifest is not None and captions and manifest.get("annotation") != "captions":
+        raise ShardError(f"{spec_str}: a labelled shard set; video-text pretraining needs captioned shards "
+                         "(tools/make_shards.py with caption annotations, docs/data.md)")
+    if manifest is not None and num_classes is not None and manifest.get("annotation") == "captions":
+        raise ShardError(f"{spec_str}: a captioned shard set (videos with captions, no class labels, "
+                         "tools/make_shards.py); classification needs labelled shards")
+    if manifest is not None and num_classes is not None and manifest.get("num_classes") not in (None, num_classes):
+        raise ShardError(f"{spec_str}: shards have {manifest['num_classes']} classes, the run expects {num_classes}")
     partition = Partition(len(shards), cfg.batch_size, rank, world_size, train, seed,
                           multiple_of=grad_accum if train else 1)
     name = cfg.backend

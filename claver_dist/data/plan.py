@@ -65,8 +65,13 @@ class Prepared:
 
 def prepare(shards: ShardSet, gid: int, epoch: int, ctx: SampleContext) -> Prepared:
     """Read sample ``gid`` and draw its frames/augmentation; raises SampleError if unusable."""
-    key = shards.keys[gid]
     data, meta = shards.load(gid, verify=ctx.verify)
+    return prepare_loaded(gid, shards.keys[gid], data, meta, epoch, ctx)
+
+
+def prepare_loaded(gid: int, key: str, data: bytes, meta: dict[str, Any], epoch: int, ctx: SampleContext) -> Prepared:
+    """A sample already read and checked (``shards.check_meta``/``check_video``): draw its
+    frames, augmentation and caption from its own streams (``sampling.sample_rng``)."""
     total = int(meta["frames"])
     try:
         width, height = int(meta["width"]), int(meta["height"])

@@ -631,28 +631,10 @@ class ShardSet:
 
     def load(self, i: int, verify: bool = True) -> tuple[bytes, dict[str, Any]]:
         """The video bytes and metadata of sample ``i``; raises SampleError if unusable."""
-        try:
-            meta = json.loads(self.read(i, self.JSON))
-            frames = int(meta["frames"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise SampleError(f"bad metadata: {e!r}") from e
-        if "captions" in meta:  # a captioned sample: no class
-            meta.setdefault("label", -1)
-            if not isinstance(meta["captions"], list) or not meta["captions"]:
-                raise SampleError(f"bad captions in metadata: {meta['captions']!r}")
-        elif "label" not in meta:
-            try:
-                meta["label"] = int(self.read(i, self.CLS))
-            except ValueError as e:
-                raise SampleError(f"bad .cls: {e}") from e
-        if frames < 1:
-            raise SampleError(f"metadata says {frames} frames")
+        read_cls = lambda: self.read(i, self.CLS)  # noqa: E731 - read only when the .json has no label
+        meta = check_meta(self.read(i, self.JSON), read_cls)
         data = self.read(i, self.VIDEO)
-        if verify:
-            if "bytes" in meta and len(data) != int(meta["bytes"]):
-                raise SampleError(f"video is {len(data)} bytes, metadata says {meta['bytes']}")
-            if "crc32" in meta and zlib.crc32(data) != int(meta["crc32"]):
-                raise SampleError("video crc32 does not match metadata (corrupted after build)")
+        check_video(data, meta, verify)
         meta["ext"] = self.exts[self.ext_of[i]]
         return data, meta
 
@@ -660,6 +642,37 @@ class ShardSet:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+def check_meta(meta_bytes: bytes, read_cls) -> dict[str, Any]:
+    """A sample's parsed ``.json`` metadata, its label filled from ``read_cls()`` (the ``.cls``
+    bytes) when the metadata has none; raises SampleError if it is unusable."""
+    try:
+        meta = json.loads(meta_bytes)
+        frames = int(meta["frames"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SampleError(f"bad metadata: {e!r}") from e
+    if "captions" in meta:  # a captioned sample: no class
+        meta.setdefault("label", -1)
+        if not isinstance(meta["captions"], list) or not meta["captions"]:
+            raise SampleError(f"bad captions in metadata: {meta['captions']!r}")
+    elif "label" not in meta:
+        try:
+            meta["label"] = int(read_cls())
+        except ValueError as e:
+            raise SampleError(f"bad .cls: {e}") from e
+    if frames < 1:
+        raise SampleError(f"metadata says {frames} frames")
+    return meta
+
+
+def check_video(data: bytes, meta: dict[str, Any], verify: bool) -> None:
+    """With ``verify``: the video bytes have the size and crc32 the metadata recorded."""
+    if verify:
+        if "bytes" in meta and len(data) != int(meta["bytes"]):
+            raise SampleError(f"video is {len(data)} bytes, metadata says {meta['bytes']}")
+        if "crc32" in meta and zlib.crc32(data) != int(meta["crc32"]):
+            raise SampleError("video crc32 does not match metadata (corrupted after build)")
 
 
 def dump_json(obj: Any) -> bytes:
