@@ -11,10 +11,14 @@ PIP    := $(PY) -m pip
 SYS_PKGS := ffmpeg g++ make
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast sysdeps venv test-deps llm slurm-up slurm-down bench gpu-check clean
+.PHONY: demo demo-pretrain test test-fast sysdeps venv test-deps llm slurm-up slurm-down bench gpu-check clean
 
 demo: sysdeps venv
 	OMP_NUM_THREADS=1 $(PY) -m tools.demo
+
+# Video-text pretraining on captioned synthetic clips: KMT vs frame mean at retrieval R@1.
+demo-pretrain: sysdeps venv
+	OMP_NUM_THREADS=1 $(PY) -m tools.demo_pretrain
 
 test: sysdeps venv test-deps
 	$(PY) -m pytest -q tests --durations=25

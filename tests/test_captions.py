@@ -181,3 +181,33 @@ def test_loader_batches_carry_one_reproducible_caption_per_video(videos, tmp_pat
                         "--out", str(labelled), "--split", "train", "--copy", "--workers", "1", "--no-progress"]) == 0
     with pytest.raises(ShardError, match="labelled shard set; video-text pretraining needs captioned shards"):
         build_loader(DataConfig(train_shards=str(labelled), backend="cpu"), "train", captions=True)
+
+
+def test_demo_captions_name_the_colour_and_the_events_in_order(tmp_path):
+    """The pretraining demo's data (synthetic.write_caption_dataset): every val caption unique,
+    the clip painted in the colour its caption names, the size order its events name."""
+    import av
+
+    from claver_dist.data.synthetic import NAMED_COLOURS, SIZE_CLASSES, MotionSpec, write_caption_dataset
+
+    paths = write_caption_dataset(tmp_path, per_class=1, spec=MotionSpec(width=64, height=48, min_frames=8,
+                                                                          max_frames=8))  # fmt: skip
+    rows = list(csv.DictReader(open(paths["val"])))
+    clips = {}
+    for r in rows:
+        clips.setdefault(r["path"], []).append(r["caption"])
+    assert len(clips) == len(SIZE_CLASSES) * len(NAMED_COLOURS)
+    firsts = [c[0] for c in clips.values()]
+    assert len(set(firsts)) == len(firsts)  # one clip per (order, colour): unique captions
+    assert "a red shape grows then shrinks" in firsts and "a blue shape shrinks then grows then shrinks" in firsts
+    for path, caps in clips.items():
+        colour = next(c for c in NAMED_COLOURS if f" {c} " in f" {caps[0]} ")
+        with av.open(str(tmp_path / path)) as f:
+            frames = [fr.to_ndarray(format="rgb24").astype(int) for fr in f.decode(video=0)]
+        # the shape's pixels are the named colour; its area follows the caption's order
+        want = np.array(NAMED_COLOURS[colour])
+        areas = [int((np.abs(fr - want).sum(-1) < 60).sum()) for fr in frames]
+        assert max(areas) > 20, (path, areas)
+        if "grows then shrinks" in caps[0] and "then grows" not in caps[0]:
+            peak = int(np.argmax(areas))
+            assert 0 < peak < len(areas) - 1 and areas[0] < areas[peak] > areas[-1], (path, areas)

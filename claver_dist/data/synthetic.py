@@ -246,16 +246,20 @@ def motion_frames(label: int, rng: np.random.Generator, spec: MotionSpec = Motio
     return frames[::-1].copy() if reverse else frames
 
 
-def size_order_frames(label: int, rng: np.random.Generator, spec: MotionSpec = MotionSpec()) -> np.ndarray:
+def size_order_frames(label: int, rng: np.random.Generator, spec: MotionSpec = MotionSpec(),
+                      colour: str | None = None) -> np.ndarray:  # fmt: skip
     """One ``[T, H, W, 3]`` uint8 clip of class ``label`` (index into SIZE_CLASSES).
 
     The random draws do not depend on the label: with the same ``rng`` state every class
-    gets the same frames (one per size, from small to large), in its own order."""
+    gets the same frames (one per size, from small to large), in its own order.
+    ``colour`` (a ``NAMED_COLOURS`` key) paints the shape in that colour instead of a drawn one."""
     _, profile = SIZE_CLASSES[label]
     w, h = spec.width, spec.height
     t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
     size = min(w, h)
     background, fg = _colours(rng, w, h)
+    if colour is not None:
+        fg = np.array(NAMED_COLOURS[colour], np.float64)
     shape = str(rng.choice(["square", "disk", "triangle"]))
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
@@ -337,6 +341,69 @@ def write_motion_dataset(
         paths[split].write_text("\n".join(lines[split]) + "\n" if lines[split] else "")
     paths["labels"] = out / "labels.csv"
     paths["labels"].write_text("id,name\n" + "".join(f"{i},{names[i]}\n" for i in range(num_classes)))
+    return paths
+
+
+# --------------------------------------------------------------------------- captioned clips
+
+# shape colours a caption names: far apart, and bright against the dark backgrounds
+NAMED_COLOURS = {"red": (235, 45, 45), "green": (50, 205, 70), "blue": (60, 100, 250), "yellow": (240, 220, 40)}
+_VERBS = {"growing": "grows", "shrinking": "shrinks"}
+# several ways to say one clip (a caption is drawn per clip per epoch)
+CAPTION_FORMS = ["a {colour} shape {events}", "the {colour} shape {events}, in that order",
+                 "{colour} shape: {name}"]
+
+
+def size_caption(label: int, colour: str, form: int = 0) -> str:
+    """A caption of a size-order clip: its colour and its events in order, e.g. "a red shape
+    grows then shrinks" for "growing then shrinking"."""
+    name = SIZE_CLASSES[label][0]
+    events = " ".join(_VERBS.get(word, word) for word in name.split())
+    return CAPTION_FORMS[form].format(colour=colour, events=events, name=name)
+
+
+def _write_captioned(args: tuple) -> str:
+    path, label, colour, seed, index, spec = args
+    rng = np.random.default_rng([seed, label, index])
+    write_video(path, size_order_frames(label, rng, spec, colour), spec.fps, crf=14)
+    return str(path)
+
+
+def write_caption_dataset(out: str | Path, per_class: int = 120, val_per_pair: int = 1, spec: MotionSpec = MotionSpec(),
+                          seed: int = 0, workers: int = 1, progress: bool = False) -> dict[str, Path]:  # fmt: skip
+    """Size-order clips with captions (video-text pretraining demo): every clip a shape of a
+    named colour whose size changes in the order of its ``SIZE_CLASSES`` class; its captions
+    (``CAPTION_FORMS``) name the colour and the events in order. A frame-pooling model can
+    read the colour but not the order, so a caption matches 1 of the 8 clips of its colour
+    for it. Train: ``per_class`` clips per order, colours in turn; val: ``val_per_pair``
+    clips per (order, colour), so with 1 every val caption is unique.
+    Writes ``videos/``, ``train.csv`` and ``val.csv`` (``path,caption``, one row per caption)."""
+    import csv
+
+    out = Path(out)
+    colours = list(NAMED_COLOURS)
+    jobs, rows = [], {"train": [], "val": []}
+    for label in range(len(SIZE_CLASSES)):
+        name = SIZE_CLASSES[label][0].replace(" ", "_")
+        clips = [("train", i, colours[i % len(colours)], i) for i in range(per_class)]
+        clips += [("val", i, c, 1_000_000 + i * len(colours) + k) for i in range(val_per_pair)
+                  for k, c in enumerate(colours)]  # fmt: skip
+        for split, i, colour, index in clips:
+            rel = f"videos/{name}/{split}_{colour}_{i:05d}.mp4"
+            jobs.append((out / rel, label, colour, seed, index, spec))
+            rows[split] += [(rel, size_caption(label, colour, f)) for f in range(len(CAPTION_FORMS))]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:  # never fork a threaded caller
+            _drain(pool.imap_unordered(_write_captioned, jobs, chunksize=4), len(jobs), progress)
+    else:
+        _drain(map(_write_captioned, jobs), len(jobs), progress)
+    paths = {}
+    for split in ("train", "val"):
+        paths[split] = out / f"{split}.csv"
+        with open(paths[split], "w", newline="") as f:
+            csv.writer(f).writerows([("path", "caption"), *rows[split]])
     return paths
 
 
