@@ -275,3 +275,13 @@ def test_training_streams_from_s3_and_resumes_exactly(s3_url, shards, tmp_path):
     assert rc == 0, out[-3000:]
     report = json.loads((tmp_path / "pf" / RESULT_FILE).read_text())
     assert report["passed"] and all(r["read_bytes"] > 0 and r["clips_timed"] > 0 for r in report["ranks"])
+
+
+def test_a_position_does_not_cross_between_streamed_and_random_access(shards):
+    streamed = build_loader(config(f"file://{shards}", workers=0), "train", 0, 1, seed=5, num_classes=4)
+    local = build_loader(config(str(shards), workers=0), "train", 0, 1, seed=5, num_classes=4)
+    assert streamed.backend_name == "stream" and local.backend_name == "cpu"
+    with pytest.raises(ValueError, match="streamed one"):
+        local.load_state_dict(streamed.state_dict())
+    with pytest.raises(ValueError, match="random-access loader's"):
+        streamed.load_state_dict(local.state_dict())

@@ -138,6 +138,9 @@ class VideoLoader:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("mode") == "stream":
+            raise ValueError("the saved data position is a streamed one (data/stream.py); this run reads its shards by "
+                             "offset: resume with the same shard location and data.access, or start a new run folder")
         self.epoch = int(d["epoch"])
         batch, start = int(d["batch"]), int(d.get("start", 0))
         if int(d.get("num_samples", self.num_samples)) != self.num_samples:

@@ -519,8 +519,9 @@ class StreamLoader:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("mode") != "stream":
-            raise ValueError("the saved data position is the random-access loader's; this run streams its shards "
-                             "(data.access): resume with the same data.access")
+            raise ValueError("the saved data position is the random-access loader's (shards read by offset); this run "
+                             "streams its shards (data.access): resume with the same shard location and data.access, "
+                             "or start a new run folder")
         if (int(d["num_samples"]), int(d["num_shards"])) != (self.num_samples, len(self.plan.shards)):
             raise ValueError(f"loader state is for {d['num_shards']} shards of {d['num_samples']} samples, this split "
                              f"has {len(self.plan.shards)} of {self.num_samples}")
