@@ -209,7 +209,8 @@ def measure_read(ranges: list[tuple[Path, int, int]], opts: PreflightOptions, ra
             os.close(fd)
 
 
-def measure_stream_read(urls: list[str], opts: PreflightOptions, rank: int, world: int) -> tuple[float, int, int]:
+def measure_stream_read(urls: list[str], opts: PreflightOptions, rank: int, world: int,
+                        command: str = "") -> tuple[float, int, int]:  # fmt: skip
     """``measure_read`` for streamed shards: this rank's shards (every world-th) read in
     sequence through fsspec, as the streaming loader reads them, for ``read_s``."""
     from claver_dist.data.stream import _open
@@ -222,7 +223,7 @@ def measure_stream_read(urls: list[str], opts: PreflightOptions, rank: int, worl
             done, elapsed = 0, 0.0
             while elapsed < opts.read_s / opts.windows:
                 if f is None:
-                    f = _open(mine[i % len(mine)])
+                    f = _open(mine[i % len(mine)], command)
                     i += 1
                 t = time.perf_counter()
                 data = f.read(1 << 20)
@@ -361,7 +362,8 @@ def run(config: str, overrides: list[str], opts: PreflightOptions | None = None)
     if cfg.data.access == "stream" or (cfg.data.access == "auto" and is_url(cfg.data.train_shards)):
         tars = None
         rd = _measure(r, "read", lambda: measure_stream_read(
-            [s.url for s in stream_shards(cfg.data.train_shards, cfg.data.train_split)[0]], opts, d.rank, d.world_size))
+            [s.url for s in stream_shards(cfg.data.train_shards, cfg.data.train_split, cfg.data.stream_command)[0]],
+            opts, d.rank, d.world_size, cfg.data.stream_command))
         if rd is not None:
             r.read_mbs, r.read_bytes, r.read_passes = rd[0] / 1e6, rd[1], rd[2]
     else:

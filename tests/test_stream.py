@@ -285,3 +285,15 @@ def test_a_position_does_not_cross_between_streamed_and_random_access(shards):
         local.load_state_dict(streamed.state_dict())
     with pytest.raises(ValueError, match="random-access loader's"):
         streamed.load_state_dict(local.state_dict())
+
+
+def test_a_shell_command_streams_through_webdatasets_pipe(shards):
+    """data.stream_command: the manifest and the shards read through webdataset's pipe:."""
+    cfg = config(str(shards), workers=2, access="stream", stream_command="cat {url}")
+    loader = build_loader(cfg, "train", 0, 1, seed=5, num_classes=4)
+    via_fsspec = build_loader(config(str(shards), workers=2, access="stream"), "train", 0, 1, seed=5, num_classes=4)
+    assert epoch_keys(loader) == epoch_keys(via_fsspec)
+    assert_resumes(cfg, world=1)
+    broken = config(str(shards), workers=0, access="stream", stream_command="cat {url}.missing", stream_retries=0)
+    with pytest.raises(Exception, match="cannot read the shard manifest"):
+        build_loader(broken, "train", 0, 1, seed=5, num_classes=4)

@@ -33,6 +33,10 @@ class DataConfig:
     # stream: reopen a shard this many times after a failed read before its unread
     # samples count as bad.
     stream_retries: int = 3
+    # stream: a shell command that writes the file at {url} to stdout (webdataset's pipe:),
+    # e.g. "aws s3 cp {url} -"; the manifest and the shards are read through it instead
+    # of fsspec. "" = fsspec.
+    stream_command: str = ""
     num_frames: int = 8
     image_size: int = 224
     # per-process micro-batch.
@@ -60,6 +64,8 @@ class DataConfig:
         require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         require(self.stream_buffer >= 1, "data.stream_buffer", ">= 1", self.stream_buffer)
         require(self.stream_retries >= 0, "data.stream_retries", ">= 0", self.stream_retries)
+        require(not self.stream_command or "{url}" in self.stream_command, "data.stream_command",
+                "a command holding {url}", self.stream_command)
         require(bool(self.crop_scales) and all(0 < s <= 1 for s in self.crop_scales), "data.crop_scales",
                 "in (0, 1]", self.crop_scales)
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob"):

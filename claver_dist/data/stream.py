@@ -5,7 +5,8 @@
 
 The random-access loader (``loader.py``) reads any sample by byte offset, which an object
 store turns into one request per sample. Here shards are opened through fsspec
-(``s3://``, ``gs://``, ``http(s)://``, local paths) and read sequentially; webdataset
+(``s3://``, ``gs://``, ``http(s)://``, local paths), or through a shell command
+(``data.stream_command``, webdataset's ``pipe:``), and read sequentially; webdataset
 parses the tar stream (``tar_file_iterator``, ``group_by_keys``). Its shard splitting and
 rolling shuffle buffer are not used: they cannot be resumed at an exact sample, which is
 the bookkeeping this module adds. Everything follows from the manifest's per-shard sample
@@ -48,6 +49,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -74,7 +76,13 @@ def is_url(spec: str) -> bool:
     return spec.startswith(SCHEMES)
 
 
-def _open(url: str):
+def _open(url: str, command: str = ""):
+    """A binary file object reading ``url``: through ``command`` (webdataset's ``pipe:``,
+    ``{url}`` replaced by the quoted URL) when one is given, else through fsspec."""
+    if command:
+        from webdataset.gopen import gopen
+
+        return gopen("pipe:" + command.format(url=shlex.quote(url)), "rb")
     import fsspec
 
     # HTTP: one streamed GET per shard (fsspec's default issues a range request per block)
@@ -92,11 +100,12 @@ class StreamShard:
     samples: int
 
 
-def stream_shards(spec: str, split: str) -> tuple[list[StreamShard], dict[str, Any]]:
-    """The shards of ``split`` in the shard folder at URL (or path) ``spec``, from its manifest."""
+def stream_shards(spec: str, split: str, command: str = "") -> tuple[list[StreamShard], dict[str, Any]]:
+    """The shards of ``split`` in the shard folder at URL (or path) ``spec``, from its manifest
+    (read through ``command`` when one is given, see ``_open``)."""
     url = _join(spec, MANIFEST)
     try:
-        with _open(url) as f:
+        with _open(url, command) as f:
             manifest = json.loads(f.read())
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own error types
         raise ShardError(f"{url}: cannot read the shard manifest ({type(e).__name__}: {e}); a streamed shard set is "
@@ -112,7 +121,8 @@ def stream_shards(spec: str, split: str) -> tuple[list[StreamShard], dict[str, A
 # --------------------------------------------------------------------------- reading one shard
 
 
-def read_shard(url: str, expected: int, skip: int, retries: int, backoff_s: float = 0.5) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, expected: int, skip: int, retries: int, command: str = "",
+               backoff_s: float = 0.5) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Samples ``skip, ..., expected - 1`` of one shard (webdataset sample dicts), in order.
 
     A failed read is retried ``retries`` times (reopen, skip what was read); after that
@@ -122,7 +132,7 @@ def read_shard(url: str, expected: int, skip: int, retries: int, backoff_s: floa
     k, failures = skip, 0
     while k < expected:
         try:
-            with _open(url) as f:
+            with _open(url, command) as f:
                 files = ({**x, "__url__": url} for x in tar_file_iterator(f))
                 for i, sample in enumerate(group_by_keys(files)):
                     if i >= expected:
@@ -193,9 +203,10 @@ class StreamPlan:
     """Which shards each stream of each rank reads in an epoch, and how many batches it gives."""
 
     def __init__(self, shards: list[StreamShard], batch_size: int, rank: int, world: int, workers: int, train: bool,
-                 seed: int, buffer: int, multiple_of: int = 1):  # fmt: skip
+                 seed: int, buffer: int, multiple_of: int = 1, command: str = ""):  # fmt: skip
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} out of range for world size {world}")
+        self.command = command  # data.stream_command: how shards are opened (see _open)
         self.shards, self.batch_size, self.rank, self.world, self.workers = shards, batch_size, rank, world, workers
         self.train, self.seed, self.buffer, self.multiple_of = train, seed, buffer if train else 1, multiple_of
         self.counts = np.array([s.samples for s in shards], np.int64)
@@ -333,7 +344,7 @@ class _Stream:
         for sid in self.shards:
             n = int(self.plan.counts[sid])
             if pos + n > start:
-                yield from read_shard(self.plan.shards[sid].url, n, max(0, start - pos), self.retries)
+                yield from read_shard(self.plan.shards[sid].url, n, max(0, start - pos), self.retries, self.plan.command)
             pos += n
 
     def _block(self, k: int) -> list[dict[str, Any]]:
@@ -540,7 +551,7 @@ class StreamLoader:
         """The rest of the epoch under another layout: without the shards the old streams had started."""
         world, workers, batch_size, multiple_of = old
         before = StreamPlan(self.plan.shards, batch_size, 0, world, workers, True, self.plan.seed,
-                            self.plan.buffer, multiple_of)  # fmt: skip
+                            self.plan.buffer, multiple_of, self.plan.command)  # fmt: skip
         started: set[int] = set()
         for r in range(world):
             lay = before.layout(self.epoch, self._exclude, rank=r)
@@ -629,7 +640,7 @@ def build_stream_loader(cfg: DataConfig, split: str, spec: str, split_name: str,
                         num_classes: int | None, device: str, views: tuple[int, int], grad_accum: int,
                         captions: bool, ctx: SampleContext) -> StreamLoader:  # fmt: skip
     """``build_loader`` for shards read as streams (``data.access``)."""
-    shards, manifest = stream_shards(spec, split_name)
+    shards, manifest = stream_shards(spec, split_name, cfg.stream_command)
     if captions and manifest.get("annotation") != "captions":
         raise ShardError(f"{spec}: a labelled shard set; video-text pretraining needs captioned shards "
                          "(tools/make_shards.py with caption annotations, docs/data.md)")
@@ -641,7 +652,7 @@ def build_stream_loader(cfg: DataConfig, split: str, spec: str, split_name: str,
     train = split == "train"
     workers = max(1, cfg.num_workers)
     plan = StreamPlan(shards, cfg.batch_size, rank, world_size, workers, train, seed, cfg.stream_buffer,
-                      multiple_of=grad_accum if train else 1)  # fmt: skip
+                      multiple_of=grad_accum if train else 1, command=cfg.stream_command)  # fmt: skip
     if len(shards) < world_size * workers:
         logger.warning("data: %s split %r has %d shards for %d ranks x %d streams: some streams read nothing",
                        spec, split_name, len(shards), world_size, workers)  # fmt: skip
