@@ -199,8 +199,16 @@ class Chaos:
         n = len(records(self.run_dir))
         disk = self.run_dir / "checkpoints"
         filler = disk / "filler"
-        fill_up(disk, filler, leave=2 * 2**20)  # the next checkpoint (tens of MB) cannot be written
-        rec = self.new_record(n, "failure")
+
+        def failed() -> bool:
+            # topped up at every poll: filled while a new checkpoint and the one it replaces were
+            # both on disk, the pruning of the old one would leave room for every later save
+            fill_up(disk, filler, leave=2 * 2**20)  # the next checkpoint (tens of MB) cannot be written
+            recs = records(self.run_dir)
+            return len(recs) > n and recs[-1]["kind"] == "failure"
+
+        self.wait("a failed checkpoint save", failed)
+        rec = records(self.run_dir)[-1]
         filler.unlink()
         return {"what": "checkpoint disk full", "handled": "restart", "lost": rec["steps_lost"] or 0, "rec": rec}
 
@@ -209,7 +217,7 @@ def fill_up(disk: Path, filler: Path, leave: int) -> None:
     """Grow ``filler`` until ``disk`` has about ``leave`` bytes free. The run keeps saving while
     this happens, so the free space measured a moment ago may be gone: on ENOSPC, measure
     again and ask for less."""
-    with open(filler, "wb") as f:
+    with open(filler, "ab") as f:  # grows an earlier filler
         for _ in range(50):
             st = os.statvfs(disk)
             want = os.fstat(f.fileno()).st_size + st.f_bavail * st.f_frsize - leave
