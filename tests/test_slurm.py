@@ -130,11 +130,19 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = 180)
 SUBMITTED: dict[str, float] = {}  # job id -> time of submission
 
 
-def attempts(job_id: str) -> list[str]:
+def attempts(job_id: str, settle_s: float = 60) -> list[str]:
     """The states of every run of a job, oldest first (accounting keeps each requeued attempt;
-    records older than the submission belong to an earlier cluster that reused the id)."""
+    records older than the submission belong to an earlier cluster that reused the id).
+
+    Called once the controller says the job is over: slurmdbd records the end a moment later,
+    so a last attempt still RUNNING or PENDING there is waited for, up to ``settle_s``."""
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(SUBMITTED[job_id]))
-    return sh("sacct", "-n", "-X", "-P", "-D", "-S", since, "-j", job_id, "-o", "State").split()
+    deadline = time.monotonic() + settle_s
+    while True:
+        states = sh("sacct", "-n", "-X", "-P", "-D", "-S", since, "-j", job_id, "-o", "State").split()
+        if (states and states[-1] in slurm.FINAL_STATES) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 def results(run_dir: Path, job_id: str, tasks: int = 2) -> list[str]:
