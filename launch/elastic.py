@@ -14,6 +14,8 @@ of an allocation (one agent per node, meeting through a c10d rendezvous on the f
   ``claver_dist/train/main.py``) are not restarted.
 - **Records.** Every failure the agent sees is appended to ``<run_dir>/restarts.jsonl``:
   time, cause, rank, host, exit code, the latest complete checkpoint and the steps lost.
+  A node whose workers only lost their peers to another node's failure (recorded there
+  within 5 s) says so in its log and writes no record: one failure, one record.
 - **Stopping.** SIGINT (Ctrl-C) and SIGTERM to the launcher are passed to the workers as
   SIGTERM: they checkpoint at the end of the step and exit 0, and the launcher exits 0.
   torch's own handling (kill the workers 30 s after forwarding) is switched off for them.
@@ -174,6 +176,17 @@ def _make_agent_class():
                 fatal = failure.exitcode in FATAL_EXIT_CODES or bool(_RUN.stopped_by)
                 restart = not fatal and self._remaining_restarts > 0
                 ckpt, last = _progress(_RUN.run_dir)
+                attempt = RecordingAgent._starts - 1
+                if (_RUN.is_host is not None and _lost_peer(failure)
+                        and _failed_elsewhere(_RUN, set(result.failures), attempt=attempt)):
+                    # this node's workers died of another node's failure before the agent saw
+                    # the membership change: that node records the failure, once
+                    print(f"claver-launch: this node's workers lost their peers ({_cause(failure.exitcode, failure.message)}); "
+                          f"another node's failure is recorded in {_RUN.run_dir / 'restarts.jsonl'}",
+                          file=sys.stderr, flush=True)
+                    if fatal:
+                        self._remaining_restarts = 0
+                    return result
                 if _RUN.module == TRAIN_MODULE:  # restarts.jsonl is the training's history
                     append_record(_RUN.run_dir, {
                         "kind": "failure", "cause": _cause(failure.exitcode, failure.message), "rank": rank,
@@ -182,7 +195,8 @@ def _make_agent_class():
                                          for r, f in sorted(result.failures.items()) if r != rank},
                         "restarted": restart, "restarts_left": self._remaining_restarts - 1 if restart else 0,
                         "resume_step": ckpt, "last_logged_step": last,
-                        "steps_lost": None if last is None else last - (ckpt or 0), "launch": _RUN.rdzv_id})
+                        "steps_lost": None if last is None else last - (ckpt or 0), "launch": _RUN.rdzv_id,
+                        "attempt": attempt})
                 left = self._remaining_restarts - 1 if restart else 0
                 print(f"claver-launch: rank {rank} on {socket.gethostname()}: "
                       f"{_cause(failure.exitcode, failure.message)}; "
@@ -233,14 +247,21 @@ def find_trainer(run_dir: Path, rank: int):
     return None
 
 
-def _failed_elsewhere(run: ElasticRun, own_ranks: set[int], wait_s: float = 5.0) -> bool:
-    """Whether another node recorded a final failure of its own (not a lost peer) in this
-    launch; its agent writes the record as it gives up, so wait a little for it."""
+def _lost_peer(failure) -> bool:
+    """A worker that died of another's failure: a closed connection, or its agent's SIGTERM."""
+    return failure.exitcode == -signal.SIGTERM or bool(_PEER_LOST.search(_message_text(failure.message)))
+
+
+def _failed_elsewhere(run: ElasticRun, own_ranks: set[int], wait_s: float = 5.0, attempt: int | None = None) -> bool:
+    """Whether another node recorded a failure of its own (not a lost peer) in this launch:
+    in start ``attempt`` of the workers, or else a final one. Its agent writes the record as
+    it sees the failure, so wait a little for it."""
     path = run.run_dir / "restarts.jsonl"
     deadline = time.monotonic() + wait_s
     while True:
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        if any(r.get("kind") == "failure" and r.get("launch") == run.rdzv_id and not r.get("restarted")
+        if any(r.get("kind") == "failure" and r.get("launch") == run.rdzv_id
+               and (r.get("attempt") == attempt if attempt is not None else not r.get("restarted"))
                and r.get("rank") not in own_ranks and r.get("cause") != "killed by SIGTERM"
                and not _PEER_LOST.search(r.get("cause", "")) for r in records):
             return True
@@ -278,8 +299,7 @@ def run_elastic(run: ElasticRun) -> int:
             if (run.run_dir / "restarts.jsonl").exists() else []
         failures = [r for r in records if r.get("kind") == "failure" and r.get("launch") == run.rdzv_id]
         restarts = sum(r["restarted"] for r in failures)
-        lost_peer = first.exitcode == -signal.SIGTERM or bool(_PEER_LOST.search(_message_text(first.message)))
-        if lost_peer and run.is_host is not None and (not run.is_host or _failed_elsewhere(run, set(e.failures))):
+        if _lost_peer(first) and run.is_host is not None and (not run.is_host or _failed_elsewhere(run, set(e.failures))):
             # the summary comes from the node where the failure began: a node whose workers
             # only lost their peers (or were stopped by its agent) would name that as the
             # cause. Where every node only lost peers, the host's agent prints it.

@@ -29,17 +29,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="claver-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_parser(prog: str, doc: str, name: str, per_class: int, per_class_help: str) -> argparse.ArgumentParser:
+    """The options both demos share; ``name`` names the data, shard and config paths."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    p.add_argument("--data", default=str(REPO / ".cache/demo"), help="where the raw synthetic videos go")
-    p.add_argument("--shards", default=str(REPO / "shards/demo"))
+    p.add_argument("--data", default=str(REPO / ".cache" / name), help="where the raw synthetic videos go")
+    p.add_argument("--shards", default=str(REPO / "shards" / name))
     p.add_argument("--runs", default=str(REPO / "runs"))
-    p.add_argument("--per-class", type=int, default=160, help="training videos per class")
-    p.add_argument("--val-per-class", type=int, default=40)
-    p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
+    p.add_argument("--per-class", type=int, default=per_class, help=per_class_help)
+    p.add_argument("--config", default=str(REPO / "configs" / f"{name}.yaml"))
     p.add_argument("overrides", nargs="*", help="extra config overrides for both runs")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = demo_parser("claver-demo", __doc__, "demo", 160, "training videos per class")
+    p.add_argument("--val-per-class", type=int, default=40)
     return p.parse_args(argv)
 
 
@@ -64,6 +69,7 @@ def build_data(args: argparse.Namespace) -> Path:
 
 
 def train(args: argparse.Namespace, name: str, extra: list[str]) -> Path:
+    """One run of ``args.config`` on the demo shards (train and val), unless it is exported already."""
     from launch.local import main as launch
 
     run_dir = Path(args.runs) / name
@@ -71,9 +77,8 @@ def train(args: argparse.Namespace, name: str, extra: list[str]) -> Path:
         print(f"[demo] {run_dir} is trained already (delete it to train again)")
         return run_dir
     print(f"[demo] training {name} with {args.nproc} process(es) -> {run_dir}")
-    rc = launch(["--nproc", str(args.nproc), args.config, f"run_dir={run_dir}",
-                 f"data.train_shards={args.shards}", f"data.val_shards={args.shards}",
-                 f"text.labels={Path(args.shards) / 'labels.csv'}", *extra, *args.overrides])
+    rc = launch(["--nproc", str(args.nproc), args.config, f"run_dir={run_dir}", f"data.train_shards={args.shards}",
+                 f"data.val_shards={args.shards}", *extra, *args.overrides])  # fmt: skip
     if rc != 0 or not (run_dir / "export" / "model.safetensors").is_file():
         raise SystemExit(f"[demo] training {name} failed")
     return run_dir
@@ -109,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     build_data(args)
     t_data = time.time() - t0
-    kmt = train(args, "demo_kmt", ["model.temporal=kmt"])
-    mean = train(args, "demo_mean", ["model.temporal=none"])
+    labels = f"text.labels={Path(args.shards) / 'labels.csv'}"
+    kmt = train(args, "demo_kmt", [labels, "model.temporal=kmt"])
+    mean = train(args, "demo_mean", [labels, "model.temporal=none"])
     results = {"kmt": evaluate(args, kmt), "mean": evaluate(args, mean)}
     classes = len((Path(args.shards) / "labels.csv").read_text().strip().splitlines()) - 1
     wall = time.time() - t0

@@ -26,20 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tools.demo import demo_parser, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="claver-demo-pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    p.add_argument("--data", default=str(REPO / ".cache/demo_pretrain"), help="where the raw synthetic clips go")
-    p.add_argument("--shards", default=str(REPO / "shards/demo_pretrain"))
-    p.add_argument("--runs", default=str(REPO / "runs"))
-    p.add_argument("--per-class", type=int, default=120, help="training clips per order of events")
-    p.add_argument("--config", default=str(REPO / "configs/demo_pretrain.yaml"))
-    p.add_argument("overrides", nargs="*", help="extra config overrides for both runs")
-    return p.parse_args(argv)
+    return demo_parser("claver-demo-pretrain", __doc__, "demo_pretrain", 120,
+                       "training clips per order of events").parse_args(argv)
 
 
 def build_data(args: argparse.Namespace) -> Path:
@@ -58,21 +50,6 @@ def build_data(args: argparse.Namespace) -> Path:
         if rc != 0:
             raise SystemExit(f"[demo] make_shards failed for {split} (exit {rc})")
     return shards
-
-
-def train(args: argparse.Namespace, name: str, extra: list[str]) -> Path:
-    from launch.local import main as launch
-
-    run_dir = Path(args.runs) / name
-    if (run_dir / "export" / "model.safetensors").is_file():
-        print(f"[demo] {run_dir} is trained already (delete it to train again)")
-        return run_dir
-    print(f"[demo] pretraining {name} with {args.nproc} process(es) -> {run_dir}")
-    rc = launch(["--nproc", str(args.nproc), args.config, f"run_dir={run_dir}", f"data.train_shards={args.shards}",
-                 f"data.val_shards={args.shards}", *extra, *args.overrides])  # fmt: skip
-    if rc != 0 or not (run_dir / "export" / "model.safetensors").is_file():
-        raise SystemExit(f"[demo] pretraining {name} failed")
-    return run_dir
 
 
 def last_retrieval(run_dir: Path) -> dict:
