@@ -169,13 +169,31 @@ def _make_agent_class():
                         pass
             return pids
 
+        def _record(self, failure, rank: int, failures: dict, restart: bool, attempt: int) -> None:
+            """The failure's line in restarts.jsonl (training runs) and in the node's log."""
+            ckpt, last = _progress(_RUN.run_dir)
+            if _RUN.module == TRAIN_MODULE:  # restarts.jsonl is the training's history
+                append_record(_RUN.run_dir, {
+                    "kind": "failure", "cause": _cause(failure.exitcode, failure.message), "rank": rank,
+                    "exitcode": failure.exitcode, "failed_ranks": sorted(failures),
+                    "other_causes": {str(r): _cause(f.exitcode, f.message)
+                                     for r, f in sorted(failures.items()) if r != rank},
+                    "restarted": restart, "restarts_left": self._remaining_restarts - 1 if restart else 0,
+                    "resume_step": ckpt, "last_logged_step": last,
+                    "steps_lost": None if last is None else last - (ckpt or 0), "launch": _RUN.rdzv_id,
+                    "attempt": attempt})
+            left = self._remaining_restarts - 1 if restart else 0
+            print(f"claver-launch: rank {rank} on {socket.gethostname()}: "
+                  f"{_cause(failure.exitcode, failure.message)}; "
+                  + (f"restarting from step {ckpt or 0} ({left} restarts left)" if restart else "not restarting"),
+                  file=sys.stderr, flush=True)
+
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if result.is_failed() and _RUN is not None:
                 rank, failure = _root_failure(result.failures)
                 fatal = failure.exitcode in FATAL_EXIT_CODES or bool(_RUN.stopped_by)
                 restart = not fatal and self._remaining_restarts > 0
-                ckpt, last = _progress(_RUN.run_dir)
                 attempt = RecordingAgent._starts - 1
                 if (_RUN.is_host is not None and _lost_peer(failure)
                         and _failed_elsewhere(_RUN, set(result.failures), attempt=attempt)):
@@ -184,24 +202,8 @@ def _make_agent_class():
                     print(f"claver-launch: this node's workers lost their peers ({_cause(failure.exitcode, failure.message)}); "
                           f"another node's failure is recorded in {_RUN.run_dir / 'restarts.jsonl'}",
                           file=sys.stderr, flush=True)
-                    if fatal:
-                        self._remaining_restarts = 0
-                    return result
-                if _RUN.module == TRAIN_MODULE:  # restarts.jsonl is the training's history
-                    append_record(_RUN.run_dir, {
-                        "kind": "failure", "cause": _cause(failure.exitcode, failure.message), "rank": rank,
-                        "exitcode": failure.exitcode, "failed_ranks": sorted(result.failures),
-                        "other_causes": {str(r): _cause(f.exitcode, f.message)
-                                         for r, f in sorted(result.failures.items()) if r != rank},
-                        "restarted": restart, "restarts_left": self._remaining_restarts - 1 if restart else 0,
-                        "resume_step": ckpt, "last_logged_step": last,
-                        "steps_lost": None if last is None else last - (ckpt or 0), "launch": _RUN.rdzv_id,
-                        "attempt": attempt})
-                left = self._remaining_restarts - 1 if restart else 0
-                print(f"claver-launch: rank {rank} on {socket.gethostname()}: "
-                      f"{_cause(failure.exitcode, failure.message)}; "
-                      + (f"restarting from step {ckpt or 0} ({left} restarts left)" if restart else "not restarting"),
-                      file=sys.stderr, flush=True)
+                else:
+                    self._record(failure, rank, result.failures, restart, attempt)
                 if fatal:
                     self._remaining_restarts = 0
             return result
