@@ -264,15 +264,16 @@ def test_dist_env_from_slurm_task_variables():
 
 
 LATE_SIGNAL = """
-# Fault injection (test only): rank 0 is asked to stop right after step 5's stop agreement
-# (the all-reduce), where SLURM's signal can land; rank 1 is never asked. No real signal can
-# be timed to land there.
-import sys
+# Fault injection (test only): rank 0 is asked to stop right after the stop agreement (the
+# all-reduce) of step LATE_STOP_AFTER, where SLURM's signal can land; rank 1 is never asked.
+# No real signal can be timed to land there.
+import os, sys
 from claver_dist.train.trainer import Trainer
 real = Trainer._agree_to_stop
+at = int(os.environ.get("LATE_STOP_AFTER", "0"))
 def late_signal(self):
     out = real(self)
-    if self.dist.rank == 0 and self.step == 5:
+    if self.dist.rank == 0 and self.step == at:
         self.request_stop()
     return out
 Trainer._agree_to_stop = late_signal
@@ -281,21 +282,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_stop_request_after_the_all_reduce_stops_all_ranks_together(shards, tmp_path):
-    """A stop request on one rank between the step's all-reduce and its end used to make that
-    rank checkpoint alone while the other stepped on: a deadlock (a SLURM time-limit run hung
-    until killed). The request now waits for the next all-reduce: both ranks save step 6."""
+def train_two_ranks(shards: Path, run_dir: Path, steps: int, stop_after: int = 0) -> str:
+    """A 2-rank torchrun of the trainer; with ``stop_after``, rank 0 alone gets a stop request
+    just after that step's agreement. Returns the output; a deadlock fails the test."""
     from claver_dist.distributed import free_port
-    from claver_dist import checkpoint as ckpt_lib
 
-    script = tmp_path / "late_signal.py"
+    script = run_dir.parent / "late_signal.py"
     script.write_text(LATE_SIGNAL)
-    run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(script), str(REPO / "configs/debug.yaml"), *overrides(shards, run_dir, 20)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           str(script), str(REPO / "configs/debug.yaml"), *overrides(shards, run_dir, steps)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", LATE_STOP_AFTER=str(stop_after))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -303,9 +301,44 @@ def test_stop_request_after_the_all_reduce_stops_all_ranks_together(shards, tmp_
         out = proc.communicate()[0]
         raise AssertionError(f"ranks deadlocked after a one-sided stop request:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_stop_request_after_the_all_reduce_stops_all_ranks_together(shards, tmp_path):
+    """A stop request on one rank between the step's all-reduce and its end used to make that
+    rank checkpoint alone while the other stepped on: a deadlock (a SLURM time-limit run hung
+    until killed). The request now waits for the next all-reduce: both ranks save step 6."""
+    from claver_dist import checkpoint as ckpt_lib
+
+    run_dir = tmp_path / "run"
+    out = train_two_ranks(shards, run_dir, 20, stop_after=5)
     assert out.count("claver-train: stopped") == 2, out[-3000:]
     assert ckpt_lib.find_latest(run_dir / "checkpoints").name == ckpt_lib.tag_for(6)
     assert not (run_dir / "finished").exists()
+
+
+@pytest.mark.slow
+def test_stop_agreed_at_the_last_step_saves_it_and_the_next_start_only_finishes(shards, tmp_path):
+    """A time-limit signal during the last step: the ranks save it and stop (the final
+    validation and export may not fit in the time left); the next start trains nothing,
+    exports and marks the run finished."""
+    from claver_dist import checkpoint as ckpt_lib
+    from claver_dist.train.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+    out = train_two_ranks(shards, run_dir, 8, stop_after=7)
+    assert out.count("claver-train: stopped") == 2, out[-3000:]
+    assert ckpt_lib.find_latest(run_dir / "checkpoints").name == ckpt_lib.tag_for(8)
+    assert not (run_dir / "finished").exists() and not (run_dir / "export").exists()
+    trained = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert max(trained) == 8
+
+    out = train_two_ranks(shards, run_dir, 8)
+    assert out.count("claver-train: finished") == 2, out[-3000:]
+    assert (run_dir / "finished").read_text() == "step 8\n"
+    assert (run_dir / "export" / "model.safetensors").exists()
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == trained  # no step trained again
 
 
 # --------------------------------------------------------------------------- real cluster
@@ -473,7 +506,9 @@ def test_time_limit_requeues_until_finished(reference_run, shards, tmp_path):
         assert len(records) >= 2 and runs == ["REQUEUED"] * len(records) + ["COMPLETED"]
         assert [r["restart_count"] for r in records] == list(range(len(records)))
         stops = [r["step"] for r in records]
-        assert stops == sorted(stops) and len(set(stops)) == len(stops) and stops[-1] < steps
+        # a signal during the last step saves it and requeues: the next job only finishes
+        # (final validation, export), which could outlast the time left (docs/slurm.md)
+        assert stops == sorted(stops) and len(set(stops)) == len(stops) and stops[-1] <= steps
         log = task_log(run_dir, job)
         for s in stops:
             assert f"resumed from {run_dir}/checkpoints/step_{s:08d} at step {s}" in log
