@@ -335,7 +335,8 @@ def test_stop_agreed_at_the_last_step_saves_it_and_the_next_start_only_finishes(
     assert max(trained) == 8
 
     out = train_two_ranks(shards, run_dir, 8)
-    assert out.count("claver-train: finished") == 2, out[-3000:]
+    assert out.count("claver-train: finished") == 2 and f"{run_dir}/checkpoints/step_00000008 at step 8" in out, \
+        out[-3000:]
     assert (run_dir / "finished").read_text() == "step 8\n"
     assert (run_dir / "export" / "model.safetensors").exists()
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == trained  # no step trained again
