@@ -250,6 +250,24 @@ def test_plan_gives_every_rank_the_same_batches_in_every_epoch():
         StreamPlan(shards[:2], 8, 0, 4, 1, True, seed=1, buffer=4)
 
 
+
+def test_streams_take_the_shards_webdatasets_node_and_worker_splitters_give(monkeypatch):
+    """The plan applies split_by_node then split_by_worker to the epoch's shard order, with
+    explicit indices (it needs every rank's share); here webdataset's own splitters, told the
+    rank and worker through their environment variables, must give each stream the same shards."""
+    import webdataset as wds
+
+    shards = [StreamShard(f"s{i}", 5 + i % 3) for i in range(11)]
+    for world, workers in [(2, 2), (3, 2), (1, 3)]:
+        for epoch in range(2):
+            order = StreamPlan(shards, 2, 0, world, workers, True, seed=3, buffer=4).order(epoch)
+            for r in range(world):
+                layout = StreamPlan(shards, 2, r, world, workers, True, seed=3, buffer=4).layout(epoch)
+                for w in range(workers):
+                    for k, v in {"RANK": r, "WORLD_SIZE": world, "WORKER": w, "NUM_WORKERS": workers}.items():
+                        monkeypatch.setenv(k, str(v))
+                    assert layout.streams[w] == list(wds.split_by_worker(wds.split_by_node(iter(order))))
+
 @pytest.mark.slow
 def test_training_streams_from_s3_and_resumes_exactly(s3_url, shards, tmp_path):
     """2 DeepSpeed ranks x 1 data worker train on shards streamed from S3; a run resumed from

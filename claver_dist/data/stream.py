@@ -7,10 +7,15 @@ The random-access loader (``loader.py``) reads any sample by byte offset, which 
 store turns into one request per sample. Here shards are opened through fsspec
 (``s3://``, ``gs://``, ``http(s)://``, local paths), or through a shell command
 (``data.stream_command``, webdataset's ``pipe:``), and read sequentially; webdataset
-parses the tar stream (``tar_file_iterator``, ``group_by_keys``). Its shard splitting and
-rolling shuffle buffer are not used: they cannot be resumed at an exact sample, which is
-the bookkeeping this module adds. Everything follows from the manifest's per-shard sample
-counts, never from what was read:
+parses the tar stream (``tar_file_iterator``, ``group_by_keys``). What this module adds is
+the bookkeeping webdataset lacks for an exact position, and it replaces three of its stages
+for that reason: ``split_by_node``/``split_by_worker`` read the calling process's own rank and
+worker from its environment, while the plan needs every rank's and stream's shards (equal
+batch counts across ranks, a re-split after a layout change), so it applies their rule with
+explicit indices (a test checks it against them); ``detshuffle`` seeds with ``seed + epoch``,
+so neighbouring seeds share orders; and a rolling ``shuffle`` buffer's contents depend on
+everything read before, so it cannot be restored without replaying the epoch. Everything
+follows from the manifest's per-shard sample counts, never from what was read:
 
 - **Streams.** Each rank reads through ``max(1, data.num_workers)`` streams, one per
   DataLoader worker. Epoch ``e``'s shard order is a permutation drawn from ``(seed, e)``
