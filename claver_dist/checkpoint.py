@@ -42,6 +42,7 @@ torch and DeepSpeed are imported where they are used, so that ``claver_dist.conf
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -547,8 +548,9 @@ class CheckpointManager:
             try:
                 self._collectively(fn, f"{what} checkpoint {path}")
             except (CheckpointError, OSError) as e:
+                # judged before the partial checkpoint is removed (which frees space)
+                full = "no space left on the device: " if _out_of_space(e) or _nearly_full(self.root) else ""
                 self._discard(path)
-                full = "no space left on the device: " if _nearly_full(self.root) else ""
                 raise CheckpointWriteError(f"saving checkpoint {path} failed: {full}{e}; {_free_space(self.root)}; "
                                            f"latest is still {find_latest(self.root) or 'none'}") from None
             self.dist.barrier()  # every rank's shard is on disk before the marker
@@ -590,6 +592,23 @@ class CheckpointManager:
     def close(self) -> None:
         if self.dist.is_main:
             self.lock.release()
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether a failed write ran out of space, from the error alone: ENOSPC or EDQUOT in its
+    chain, or torch's zip writer finding fewer bytes on disk than it wrote ("unexpected pos
+    N vs M": how a full disk reaches ``torch.save``, with no errno). Each rank sees its own
+    write fail, while another rank may already have removed the partial files."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(e) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _nearly_full(path: Path) -> bool:

@@ -4,6 +4,7 @@ and prune, resolve ``resume=PATH``, restore into every part."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -175,3 +176,26 @@ def test_export_writes_consolidated_weights(dist_env, tmp_path):
     assert all(torch.equal(sd[n], p.detach()) for n, p in engine.module.named_parameters())
     assert (out / "config.yaml").read_text() == "name: x\n"
     assert ckpt_lib.load_weights(ckpt_lib.locate_weights(tmp_path)).keys() == sd.keys()
+
+
+def test_a_full_disk_is_recognised_from_the_write_error_alone(tmp_path):
+    """torch.save on a full file system fails with torch's own RuntimeError and no errno; a
+    plain write with ENOSPC. Both read as "no space left" whatever space the disk shows later
+    (another rank may already have removed its partial files); other failures do not."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root to mount a small tmpfs")
+    from conftest import small_tmpfs
+
+    errors = []
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        for write in (lambda: torch.save({"w": torch.zeros(600_000)}, disk / "a.pt"),
+                      lambda: (disk / "b.bin").write_bytes(bytes(3 * 2**20))):  # fmt: skip
+            with pytest.raises((RuntimeError, OSError)) as info:
+                write()
+            errors.append(info.value)
+    assert isinstance(errors[0], RuntimeError) and isinstance(errors[1], OSError)
+    wrapped = OSError(str(errors[0]).splitlines()[-1])  # as the save path re-raises it
+    wrapped.__cause__ = errors[0]
+    assert all(ckpt_lib._out_of_space(e) for e in (*errors, wrapped))
+    assert not ckpt_lib._out_of_space(PermissionError(13, "Permission denied"))
+    assert not ckpt_lib._out_of_space(OSError("Connection reset by peer"))

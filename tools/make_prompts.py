@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -368,6 +369,9 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
+    # Ctrl-C or kill -INT stops with the cache kept, also when a script started the tool
+    # with SIGINT ignored (a `&` job of a non-interactive shell), where Python installs no handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, summary = run(args)
     except LabelsError as e:
