@@ -42,7 +42,6 @@ torch and DeepSpeed are imported where they are used, so that ``claver_dist.conf
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -594,21 +593,14 @@ class CheckpointManager:
             self.lock.release()
 
 
+# How a write that ran out of space reads, whichever rank reports it and however it was
+# wrapped: the OS's ENOSPC and EDQUOT messages, and torch's zip writer finding fewer bytes
+# on disk than it wrote (``torch.save`` on a full disk: a RuntimeError with no errno).
+OUT_OF_SPACE = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+
+
 def _out_of_space(error: BaseException) -> bool:
-    """Whether a failed write ran out of space, from the error alone: ENOSPC or EDQUOT in its
-    chain, or torch's zip writer finding fewer bytes on disk than it wrote ("unexpected pos
-    N vs M": how a full disk reaches ``torch.save``, with no errno). Each rank sees its own
-    write fail, while another rank may already have removed the partial files."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "unexpected pos" in str(e) or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(text in str(error) for text in OUT_OF_SPACE)
 
 
 def _nearly_full(path: Path) -> bool:
