@@ -44,18 +44,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from claver_dist.errors import CheckpointError, CheckpointWriteError, ConfigChangeError, RunLockedError, require
+from claver_dist.errors import CheckpointError, CheckpointWriteError, ConfigChangeError, require
+from claver_dist.files import atomic_write
+from claver_dist.runlock import RunLock, launch_id
 
 if TYPE_CHECKING:
     import torch
@@ -92,15 +92,6 @@ class CheckpointConfig:
 
 
 # --------------------------------------------------------------------------- the layout
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -146,135 +137,6 @@ def resolve_resume(path: str | Path) -> Path:
 
 def needs_universal(ckpt: Path, world_size: int) -> bool:
     return read_meta(ckpt)["world_size"] != world_size
-
-
-# --------------------------------------------------------------------------- the run lock
-
-LOCK = ".lock"
-_LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
-                    "COMPLETING", "CONFIGURING", "STOPPED", "SIGNALING", "STAGE_OUT"}
-
-
-def launch_id() -> str:
-    """What one launch of a run is called: its restarts and requeues share it, a second
-    launch does not (set by launch/local.py and launch/slurm.py; else torchrun's or SLURM's)."""
-    for var in ("CLAVER_LAUNCH_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var)
-        if value and value != "none":
-            return value
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_start(pid: int) -> float | None:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def _slurm_job_state(job: str) -> str | None:
-    """SLURM's state of ``job``; None where SLURM cannot be asked."""
-    if not shutil.which("scontrol"):
-        return None
-    try:
-        res = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
-        return "UNKNOWN" if "Invalid job id" in res.stderr else None
-    fields = dict(kv.split("=", 1) for kv in res.stdout.split() if "=" in kv)
-    return fields.get("JobState")
-
-
-class RunLock:
-    """``<run_dir>/.lock``: one live launch per run folder.
-
-    The holder (host, pid, SLURM job, launch id) refreshes a heartbeat in the file from a
-    thread. Another launch that finds a live holder refuses to start, naming it; a holder
-    that is gone (its SLURM job ended, its pid on this host died, or, where neither can be
-    asked, no heartbeat for ``stale_s``) is taken over with a log line saying why. The
-    restarts and requeues of one launch share its launch id and take the lock over
-    silently."""
-
-    def __init__(self, run_dir: str | Path, heartbeat_s: float = 30.0, stale_s: float = 300.0):
-        self.path = Path(run_dir) / LOCK
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._me: dict[str, Any] = {}
-
-    def read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError):
-            return {}  # half-written by a holder that died mid-write: nobody's
-
-    @staticmethod
-    def describe(h: dict[str, Any]) -> str:
-        job = f", SLURM job {h['job']}" if h.get("job") else ""
-        return f"host {h.get('host')}, pid {h.get('pid')}{job}, launch {h.get('launch')}"
-
-    def gone(self, h: dict[str, Any]) -> str | None:
-        """Why holder ``h`` is gone, or None while it may be alive."""
-        if not h:
-            return "the lock file is unreadable"
-        if h.get("job"):
-            state = _slurm_job_state(h["job"])
-            if state is not None:
-                return None if state.split()[0] in _LIVE_JOB_STATES else f"SLURM job {h['job']} is {state}"
-        if h.get("host") == socket.gethostname():
-            start = _process_start(int(h.get("pid", -1)))
-            if start is None or abs(start - float(h.get("pid_start") or start)) > 1.0:
-                return f"pid {h.get('pid')} on {h.get('host')} is gone"
-            return None
-        age = time.time() - float(h.get("heartbeat", 0))
-        return f"no heartbeat for {age:.0f}s" if age > self.stale_s else None
-
-    def check(self) -> None:
-        """Raise RunLockedError if another live launch holds the folder (nothing is written)."""
-        h = self.read()
-        if h is None or h.get("launch") == launch_id() or self.gone(h) is not None:
-            return
-        raise RunLockedError(f"{self.path.parent} is in use by a live run ({self.describe(h)}); "
-                             f"wait for it to end, or remove {self.path} if you know that it has")
-
-    def acquire(self) -> None:
-        h = self.read()
-        if h is not None and h.get("launch") != launch_id():
-            why = self.gone(h)
-            if why is None:
-                self.check()  # raises
-            log.warning("taking over the run lock of %s: %s", self.describe(h), why)
-        pid = os.getpid()
-        self._me = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
-                    "job": os.environ.get("SLURM_JOB_ID"), "launch": launch_id(), "started": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write()
-        self._thread = threading.Thread(target=self._beat, name="claver-run-lock", daemon=True)
-        self._thread.start()
-
-    def _write(self) -> None:
-        _atomic_write(self.path, json.dumps({**self._me, "heartbeat": time.time()}))
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if (self.read() or {}).get("launch") != self._me["launch"]:
-                    log.error("the run lock %s was taken by another launch", self.path)
-                    return
-                self._write()
-            except OSError:  # a full disk must not kill the run here; the checkpoint will say so
-                pass
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._me and (self.read() or {}).get("launch") == self._me["launch"]:
-            self.path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- config changes
@@ -392,7 +254,7 @@ class CheckpointManager:
         token = self.dist.gather(f"{launch_id()}-{time.time_ns()}" if self.dist.is_main else None)[0]
         probe = self.run_dir / f".shared-{token}"
         if self.dist.is_main:
-            _atomic_write(probe, token)
+            atomic_write(probe, token)
         self.dist.barrier()
         seen = self.dist.gather((probe.is_file(), socket.gethostname()))
         self.dist.barrier()
@@ -493,7 +355,7 @@ class CheckpointManager:
             if res.returncode != 0:
                 raise CheckpointError(f"ds_to_universal failed on {ckpt}:\n{res.stderr[-3000:]}")
             shutil.copy(ckpt / "meta.json", out / "meta.json")
-            _atomic_write(out / COMPLETE, "")
+            atomic_write(out / COMPLETE, "")
 
         self._collectively(convert, f"converting {ckpt}")
         return out_dir, ckpt.name
@@ -537,11 +399,11 @@ class CheckpointManager:
 
         def mark_complete() -> None:
             if self.dist.is_main:
-                _atomic_write(path / "meta.json", json.dumps(
+                atomic_write(path / "meta.json", json.dumps(
                     {"step": step, "world_size": self.dist.world_size, "time": time.time(), **self.meta_fields}))
-                _atomic_write(path / "config.json", json.dumps(self.config))
-                _atomic_write(path / COMPLETE, "")
-                _atomic_write(self.root / LATEST, tag)
+                atomic_write(path / "config.json", json.dumps(self.config))
+                atomic_write(path / COMPLETE, "")
+                atomic_write(self.root / LATEST, tag)
 
         for what, fn in (("preparing", prepare), ("writing", write_shards), ("marking", mark_complete)):
             try:

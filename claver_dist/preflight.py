@@ -317,7 +317,7 @@ def _measure(result: RankResult, name: str, fn: Callable[[], Any]) -> Any:
 def run(config: str, overrides: list[str], opts: PreflightOptions | None = None) -> tuple[bool, dict[str, Any]]:
     """Measure on every rank; rank 0 writes the report. Returns (every check passed, report)
     on every rank (the whole report on rank 0; ``passed`` and ``failed`` on the others)."""
-    from claver_dist.checkpoint import RunLock, launch_id
+    from claver_dist.runlock import RunLock, launch_id
     from claver_dist.config import load_config
     from claver_dist.data.loader import build_loader
     from claver_dist.data.shards import resolve_shards

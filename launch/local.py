@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if value < low:
             print(f"claver-local: {name} must be >= {low}, got {value}", file=sys.stderr)
             return 2
-    from claver_dist.checkpoint import RunLock
+    from claver_dist.runlock import RunLock
     from claver_dist.config import load_config
     from claver_dist.errors import ConfigError, RunLockedError
 

@@ -138,12 +138,12 @@ CRASH_IN_SAVE = """
 # marked complete, i.e. after DeepSpeed wrote its files. A real kill cannot be timed there.
 import os, sys
 from claver_dist import checkpoint as ckpt_lib
-real = ckpt_lib._atomic_write
+real = ckpt_lib.atomic_write
 def crashing(path, text):
     if path.name == "COMPLETE" and path.parent.name == "step_00000004":
         os._exit(137)
     real(path, text)
-ckpt_lib._atomic_write = crashing
+ckpt_lib.atomic_write = crashing
 from claver_dist.train.main import main
 sys.exit(main(sys.argv[1:]))
 """
